@@ -1,0 +1,9 @@
+//! prefstream: streaming preference inference (AlignXplore) over Kafka, Redis and ONNX Runtime.
+
+pub mod event;
+pub mod onnx;
+pub mod prompt;
+pub mod runtime;
+pub mod sampling;
+pub mod tokenizer;
+pub mod train;

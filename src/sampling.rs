@@ -1,0 +1,148 @@
+//! Next-token choice from a logits row: greedy, or the paper's sampling (temperature, top-k,
+//! top-p). Pure, shared by candle generation in training and the ONNX engine.
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+}
+
+impl SamplingParams {
+    pub const GREEDY: Self = Self {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+    };
+    /// AlignXplore's inference setting.
+    pub const PAPER: Self = Self {
+        temperature: 0.9,
+        top_k: 10,
+        top_p: 0.95,
+    };
+}
+
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Pick a token id. Ties and NaNs resolve deterministically (lowest index).
+pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut impl Rng) -> u32 {
+    if p.temperature <= 0.0 || p.top_k == 1 {
+        return argmax(logits);
+    }
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    let k = if p.top_k == 0 {
+        logits.len()
+    } else {
+        p.top_k.min(logits.len())
+    };
+    idx.select_nth_unstable_by(k - 1, |&a, &b| logits[b].total_cmp(&logits[a]));
+    idx.truncate(k);
+    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    let max = logits[idx[0]];
+    let mut probs: Vec<f32> = idx
+        .iter()
+        .map(|&i| ((logits[i] - max) / p.temperature).exp())
+        .collect();
+    let total: f32 = probs.iter().sum();
+    probs.iter_mut().for_each(|x| *x /= total);
+    // Nucleus: the smallest prefix whose mass reaches top_p.
+    let mut mass = 0.0;
+    let mut keep = probs.len();
+    for (n, &q) in probs.iter().enumerate() {
+        mass += q;
+        if mass >= p.top_p {
+            keep = n + 1;
+            break;
+        }
+    }
+    let total: f32 = probs[..keep].iter().sum();
+    let mut r = rng.gen::<f32>() * total;
+    for (n, &q) in probs[..keep].iter().enumerate() {
+        if r < q {
+            return idx[n] as u32;
+        }
+        r -= q;
+    }
+    idx[keep - 1] as u32
+}
+
+/// Log-probability of `token` under softmax(logits) (used for GRPO ratios).
+pub fn log_prob(logits: &[f32], token: u32) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = logits.iter().map(|&v| (v - max).exp()).sum::<f32>().ln() + max;
+    logits[token as usize] - lse
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{rngs::StdRng, SeedableRng};
+
+    #[test]
+    fn greedy_and_filters() {
+        let logits = [0.1, 3.0, 2.9, -1.0, 0.0];
+        assert_eq!(
+            sample(
+                &logits,
+                &SamplingParams::GREEDY,
+                &mut StdRng::seed_from_u64(0)
+            ),
+            1
+        );
+        let mut rng = StdRng::seed_from_u64(1);
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: 2,
+            top_p: 1.0,
+        };
+        for _ in 0..200 {
+            assert!(matches!(sample(&logits, &p, &mut rng), 1 | 2));
+        }
+        // top_p small keeps only the best token
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.1,
+        };
+        for _ in 0..50 {
+            assert_eq!(sample(&logits, &p, &mut rng), 1);
+        }
+    }
+
+    #[test]
+    fn sampling_follows_probabilities_and_seed() {
+        let logits = [0.0f32, (3.0f32).ln()];
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+        };
+        let mut rng = StdRng::seed_from_u64(7);
+        let ones = (0..4000)
+            .filter(|_| sample(&logits, &p, &mut rng) == 1)
+            .count();
+        assert!((2800..3200).contains(&ones), "{ones}");
+        let a: Vec<u32> = {
+            let mut r = StdRng::seed_from_u64(3);
+            (0..20).map(|_| sample(&logits, &p, &mut r)).collect()
+        };
+        let b: Vec<u32> = {
+            let mut r = StdRng::seed_from_u64(3);
+            (0..20).map(|_| sample(&logits, &p, &mut r)).collect()
+        };
+        assert_eq!(a, b);
+        assert!((log_prob(&logits, 1) - (0.75f32).ln()).abs() < 1e-5);
+    }
+}

@@ -1,0 +1,139 @@
+//! Batched generation with the candle policy and its KV cache (training-side sampling for
+//! evaluation and GRPO; serving uses the ONNX engine).
+
+use super::batch::pad_left;
+use super::model::{positions_from_mask, Gpt, KvPair};
+use crate::sampling::{log_prob, sample, SamplingParams};
+use crate::tokenizer::TextTokenizer;
+use candle_core::{Device, Result, Tensor, D};
+use rand::Rng;
+
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// Generated ids, without the prompt; ends with the stop token if one was produced.
+    pub tokens: Vec<u32>,
+    /// Log-probability of each generated token under the sampling policy's raw logits.
+    pub logprobs: Vec<f32>,
+    pub text: String,
+}
+
+/// Generate for each prompt (already tokenized) until `</answer>`, `<eos>` or `max_new` tokens.
+pub fn generate(
+    model: &Gpt,
+    tok: &TextTokenizer,
+    prompts: &[Vec<u32>],
+    max_new: usize,
+    params: &SamplingParams,
+    rng: &mut impl Rng,
+) -> Result<Vec<Generation>> {
+    let dev = Device::Cpu;
+    let n = prompts.len();
+    let batch = pad_left(prompts, tok.pad);
+    let mut mask_rows: Vec<Vec<u32>> = batch.mask.chunks(batch.len).map(<[u32]>::to_vec).collect();
+    let pos = positions_from_mask(&mask_rows, 0);
+    let mut out: Vec<Generation> = (0..n)
+        .map(|_| Generation {
+            tokens: vec![],
+            logprobs: vec![],
+            text: String::new(),
+        })
+        .collect();
+    if batch.len >= model.cfg.max_positions {
+        return Ok(out);
+    }
+    let (ids, mask) = batch.tensors(&dev)?;
+    let pos_t = Tensor::new(pos, &dev)?;
+    let (mut logits, mut past): (Tensor, Vec<KvPair>) = model.forward(&ids, &mask, &pos_t, None)?;
+    let mut next_pos: Vec<u32> = mask_rows.iter().map(|r| r.iter().sum()).collect();
+    let mut done = vec![false; n];
+    // Learned positions end at max_positions: a longer sequence cannot be continued.
+    let max_new = max_new.min(model.cfg.max_positions.saturating_sub(batch.len));
+    if max_new == 0 {
+        return Ok(out);
+    }
+    for _ in 0..max_new {
+        let last = logits.narrow(1, logits.dim(1)? - 1, 1)?.squeeze(1)?;
+        let rows: Vec<Vec<f32>> = last.to_vec2()?;
+        let mut step = Vec::with_capacity(n);
+        for (i, row) in rows.iter().enumerate() {
+            let t = if done[i] {
+                tok.pad
+            } else {
+                sample(row, params, rng)
+            };
+            if !done[i] {
+                out[i].tokens.push(t);
+                out[i].logprobs.push(log_prob(row, t));
+                done[i] = t == tok.answer_close || t == tok.eos;
+            }
+            step.push(t);
+        }
+        if done.iter().all(|&d| d) {
+            break;
+        }
+        for r in mask_rows.iter_mut() {
+            r.push(1);
+        }
+        let flat: Vec<u32> = mask_rows.iter().flatten().copied().collect();
+        let mask = Tensor::from_vec(flat, (n, mask_rows[0].len()), &dev)?;
+        let ids = Tensor::from_vec(step, (n, 1), &dev)?;
+        let pos_t = Tensor::from_vec(next_pos.clone(), (n, 1), &dev)?;
+        next_pos.iter_mut().for_each(|p| *p += 1);
+        let (l, p) = model.forward(&ids, &mask, &pos_t, Some(&past))?;
+        logits = l;
+        past = p;
+    }
+    for g in out.iter_mut() {
+        g.text = tok.decode(&g.tokens);
+    }
+    Ok(out)
+}
+
+/// Sum of log-probabilities of `response` after `prompt` under `model`, per token, with the
+/// graph kept for backprop (GRPO). Rows are right-padded; returns `[b, max_resp]` log-probs and
+/// the 0/1 response mask.
+pub fn response_logprobs(
+    model: &Gpt,
+    seqs: &[(Vec<u32>, Vec<u32>)],
+    pad: u32,
+) -> Result<(Tensor, Tensor)> {
+    let dev = Device::Cpu;
+    let full: Vec<Vec<u32>> = seqs
+        .iter()
+        .map(|(p, r)| p.iter().chain(r).copied().collect())
+        .collect();
+    let batch = super::batch::pad_right(&full, pad);
+    let (ids, mask) = batch.tensors(&dev)?;
+    let pos = Tensor::arange(0u32, batch.len as u32, &dev)?
+        .unsqueeze(0)?
+        .broadcast_as((batch.rows, batch.len))?
+        .contiguous()?;
+    let (logits, _) = model.forward(&ids, &mask, &pos, None)?;
+    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let max_r = seqs.iter().map(|s| s.1.len()).max().unwrap_or(1).max(1);
+    let mut idx = Vec::new();
+    let mut tgt = Vec::new();
+    let mut rmask = Vec::new();
+    for (b, (p, r)) in seqs.iter().enumerate() {
+        for j in 0..max_r {
+            let (src, t, m) = if j < r.len() {
+                (p.len() + j - 1, r[j], 1f32)
+            } else {
+                (0, pad, 0f32)
+            };
+            idx.push((b * batch.len + src) as u32);
+            tgt.push(t);
+            rmask.push(m);
+        }
+    }
+    let v = logp.dim(D::Minus1)?;
+    let flat = logp.reshape((batch.rows * batch.len, v))?;
+    let rows = flat.index_select(&Tensor::new(idx, &dev)?, 0)?;
+    let picked = rows
+        .gather(&Tensor::new(tgt, &dev)?.unsqueeze(1)?, 1)?
+        .squeeze(1)?;
+    Ok((
+        picked.reshape((seqs.len(), max_r))?,
+        Tensor::from_vec(rmask, (seqs.len(), max_r), &dev)?,
+    ))
+}

@@ -1,0 +1,15 @@
+//! The model toolchain behind `prefstream-train`.
+
+pub mod alignx;
+pub mod batch;
+pub mod curves;
+pub mod dims;
+pub mod eval;
+pub mod export;
+pub mod generate;
+pub mod judge;
+pub mod model;
+pub mod pipeline;
+pub mod sft;
+pub mod synth;
+pub mod teacher;

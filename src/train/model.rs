@@ -1,0 +1,297 @@
+//! The policy: a small decoder-only transformer (GPT-2 shape) in candle.
+//!
+//! The math here is mirrored op for op by `train::export` (ONNX), so any change must be made
+//! in both places; `tests/export.rs` compares the two. Training uses the slow (composed)
+//! layer norm and softmax because candle's fused kernels have no backward (FACTS.md).
+
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::{embedding, linear, linear_no_bias, Embedding, Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+/// Additive value for masked attention scores; finite so fully-masked rows (left padding) stay NaN-free.
+pub const MASK_VALUE: f32 = -1e9;
+pub const LN_EPS: f32 = 1e-5;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GptConfig {
+    pub vocab_size: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub d_model: usize,
+    pub d_ff: usize,
+    pub max_positions: usize,
+}
+
+impl GptConfig {
+    pub fn head_dim(&self) -> usize {
+        self.d_model / self.n_head
+    }
+}
+
+/// One layer's cache: key and value, each `[batch, heads, len, head_dim]`.
+pub type KvPair = (Tensor, Tensor);
+
+pub(crate) struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl LayerNorm {
+    pub(crate) fn new(d: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get_with_hints(d, "weight", candle_nn::Init::Const(1.0))?,
+            bias: vb.get_with_hints(d, "bias", candle_nn::Init::Const(0.0))?,
+        })
+    }
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, LN_EPS)
+    }
+}
+
+pub(crate) struct Block {
+    ln1: LayerNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    ln2: LayerNorm,
+    fc: Linear,
+    proj: Linear,
+    n_head: usize,
+}
+
+impl Block {
+    pub(crate) fn new(cfg: &GptConfig, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.d_model;
+        Ok(Self {
+            ln1: LayerNorm::new(d, vb.pp("ln1"))?,
+            q: linear(d, d, vb.pp("attn.q"))?,
+            k: linear(d, d, vb.pp("attn.k"))?,
+            v: linear(d, d, vb.pp("attn.v"))?,
+            o: linear(d, d, vb.pp("attn.o"))?,
+            ln2: LayerNorm::new(d, vb.pp("ln2"))?,
+            fc: linear(d, cfg.d_ff, vb.pp("mlp.fc"))?,
+            proj: linear(cfg.d_ff, d, vb.pp("mlp.proj"))?,
+            n_head: cfg.n_head,
+        })
+    }
+
+    /// `bias` is the additive mask `[b, 1, s, total]` (0 where allowed, MASK_VALUE elsewhere)
+    /// and `keep` its 0/1 twin; see `attention_bias`.
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        keep: &Tensor,
+        bias: &Tensor,
+        past: Option<&KvPair>,
+    ) -> Result<(Tensor, KvPair)> {
+        let (b, s, d) = x.dims3()?;
+        let hd = d / self.n_head;
+        let h = self.ln1.forward(x)?;
+        let split = |t: Tensor| {
+            t.reshape((b, s, self.n_head, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = split(self.q.forward(&h)?)?;
+        let mut k = split(self.k.forward(&h)?)?;
+        let mut v = split(self.v.forward(&h)?)?;
+        if let Some((pk, pv)) = past {
+            k = Tensor::cat(&[pk, &k], 2)?;
+            v = Tensor::cat(&[pv, &v], 2)?;
+        }
+        let scores = (q.matmul(&k.transpose(2, 3)?.contiguous()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let scores = scores.broadcast_mul(keep)?.broadcast_add(bias)?;
+        let p = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let a = p.matmul(&v)?.transpose(1, 2)?.reshape((b, s, d))?;
+        let x = (x + self.o.forward(&a)?)?;
+        let h = self.ln2.forward(&x)?;
+        let h = self.proj.forward(&self.fc.forward(&h)?.gelu_erf()?)?;
+        Ok(((x + h)?, (k, v)))
+    }
+}
+
+pub struct Gpt {
+    wte: Embedding,
+    wpe: Embedding,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+    lm_head: Linear,
+    pub cfg: GptConfig,
+}
+
+/// Keep mask `[b,1,s,total]` (1 = query i may read key j: j is not padding and j <= past + i)
+/// and the matching additive bias (0 or MASK_VALUE).
+pub fn attention_bias(attention_mask: &Tensor, s: usize) -> Result<(Tensor, Tensor)> {
+    let (b, total) = attention_mask.dims2()?;
+    let past = total - s;
+    let causal: Vec<f32> = (0..s)
+        .flat_map(|i| (0..total).map(move |j| if j <= past + i { 1.0 } else { 0.0 }))
+        .collect();
+    let causal = Tensor::from_vec(causal, (1, 1, s, total), attention_mask.device())?;
+    let pad = attention_mask
+        .to_dtype(DType::F32)?
+        .reshape((b, 1, 1, total))?;
+    let keep = causal.broadcast_mul(&pad)?;
+    let bias = ((1.0 - &keep)? * MASK_VALUE as f64)?;
+    Ok((keep, bias))
+}
+
+impl Gpt {
+    pub fn new(cfg: &GptConfig, vb: VarBuilder) -> Result<Self> {
+        let blocks = (0..cfg.n_layer)
+            .map(|i| Block::new(cfg, vb.pp(format!("h.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            wte: embedding(cfg.vocab_size, cfg.d_model, vb.pp("wte"))?,
+            wpe: embedding(cfg.max_positions, cfg.d_model, vb.pp("wpe"))?,
+            blocks,
+            ln_f: LayerNorm::new(cfg.d_model, vb.pp("ln_f"))?,
+            lm_head: linear_no_bias(cfg.d_model, cfg.vocab_size, vb.pp("lm_head"))?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// `input_ids` and `position_ids` are u32 `[b, s]`; `attention_mask` is `[b, past + s]` (0/1,
+    /// any dtype). Returns logits `[b, s, vocab]` and the present cache per layer.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        position_ids: &Tensor,
+        past: Option<&[KvPair]>,
+    ) -> Result<(Tensor, Vec<KvPair>)> {
+        let (_, s) = input_ids.dims2()?;
+        let (keep, bias) = attention_bias(attention_mask, s)?;
+        let mut x = (self.wte.forward(input_ids)? + self.wpe.forward(position_ids)?)?;
+        let mut presents = Vec::with_capacity(self.blocks.len());
+        for (i, block) in self.blocks.iter().enumerate() {
+            let (y, kv) = block.forward(&x, &keep, &bias, past.map(|p| &p[i]))?;
+            x = y;
+            presents.push(kv);
+        }
+        let logits = self.lm_head.forward(&self.ln_f.forward(&x)?)?;
+        Ok((logits, presents))
+    }
+
+    /// An empty cache (zero-length pasts), as the first generation step of the ONNX convention feeds.
+    pub fn empty_past(&self, batch: usize, device: &Device) -> Result<Vec<KvPair>> {
+        let shape = (batch, self.cfg.n_head, 0, self.cfg.head_dim());
+        (0..self.cfg.n_layer)
+            .map(|_| {
+                Ok((
+                    Tensor::zeros(shape, DType::F32, device)?,
+                    Tensor::zeros(shape, DType::F32, device)?,
+                ))
+            })
+            .collect()
+    }
+}
+
+/// Position ids for left-padded rows: count of real tokens before each position (pads get 0).
+pub fn positions_from_mask(mask: &[Vec<u32>], past: usize) -> Vec<Vec<u32>> {
+    mask.iter()
+        .map(|row| {
+            let mut seen = 0u32;
+            let mut out = Vec::with_capacity(row.len() - past);
+            for (j, &m) in row.iter().enumerate() {
+                if j >= past {
+                    out.push(if m == 1 { seen } else { 0 });
+                }
+                seen += m;
+            }
+            out
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_nn::VarMap;
+
+    pub fn tiny() -> GptConfig {
+        GptConfig {
+            vocab_size: 50,
+            n_layer: 2,
+            n_head: 2,
+            d_model: 16,
+            d_ff: 32,
+            max_positions: 32,
+        }
+    }
+
+    #[test]
+    fn every_parameter_gets_a_gradient() {
+        let dev = Device::Cpu;
+        let vm = VarMap::new();
+        let model = Gpt::new(&tiny(), VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+        let ids = Tensor::new(&[[1u32, 2, 3, 4], [5, 6, 7, 0]], &dev).unwrap();
+        let mask = Tensor::new(&[[1u32, 1, 1, 1], [1, 1, 1, 0]], &dev).unwrap();
+        let pos = Tensor::new(&[[0u32, 1, 2, 3], [0, 1, 2, 3]], &dev).unwrap();
+        let (logits, _) = model.forward(&ids, &mask, &pos, None).unwrap();
+        let loss = logits.sqr().unwrap().mean_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let vars = vm.data().lock().unwrap();
+        assert_eq!(vars.len(), 2 + 2 * 16 + 3);
+        for (name, var) in vars.iter() {
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{name} has no gradient"));
+            let norm = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(norm > 0.0, "{name} has a zero gradient");
+        }
+    }
+
+    #[test]
+    fn cached_forward_matches_full_forward() {
+        let dev = Device::Cpu;
+        let vm = VarMap::new();
+        let model = Gpt::new(&tiny(), VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+        let ids = Tensor::new(&[[3u32, 9, 4, 7, 11]], &dev).unwrap();
+        let mask = Tensor::ones((1, 5), DType::U32, &dev).unwrap();
+        let pos = Tensor::new(&[[0u32, 1, 2, 3, 4]], &dev).unwrap();
+        let (full, _) = model.forward(&ids, &mask, &pos, None).unwrap();
+        let (_, past) = model
+            .forward(
+                &ids.narrow(1, 0, 4).unwrap(),
+                &mask.narrow(1, 0, 4).unwrap(),
+                &pos.narrow(1, 0, 4).unwrap(),
+                None,
+            )
+            .unwrap();
+        let (step, _) = model
+            .forward(
+                &ids.narrow(1, 4, 1).unwrap(),
+                &mask,
+                &pos.narrow(1, 4, 1).unwrap(),
+                Some(&past),
+            )
+            .unwrap();
+        let a = full.narrow(1, 4, 1).unwrap();
+        let diff = (a - step)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-4, "diff {diff}");
+    }
+
+    #[test]
+    fn positions_skip_left_padding() {
+        assert_eq!(
+            positions_from_mask(&[vec![0, 0, 1, 1], vec![1, 1, 1, 1]], 0),
+            vec![vec![0, 0, 0, 1], vec![0, 1, 2, 3]]
+        );
+        assert_eq!(positions_from_mask(&[vec![0, 1, 1, 1]], 3), vec![vec![2]]);
+    }
+}

@@ -1,0 +1,393 @@
+//! The steps of `prefstream-train`, each reading and writing a run directory, so that every
+//! step can be rerun alone and `all` is just their sequence.
+
+use super::eval::{eval_policy, markdown, reference_rows, test_users, EvalRow, Setting};
+use super::judge::{train_judge, Judge, JudgeConfig, Scorer};
+use super::model::{Gpt, GptConfig};
+use super::sft::{self, TrainConfig};
+use super::synth::{self, Pair, Split, SynthConfig, World};
+use crate::prompt::{build_prompt, build_response, TEMPLATE_ID};
+use crate::sampling::SamplingParams;
+use crate::tokenizer::{TextTokenizer, SPECIAL_TOKENS};
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::{rngs::StdRng, SeedableRng};
+use serde::{de::DeserializeOwned, Serialize};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub const MODEL_NAME: &str = "prefstream-alignx-tiny";
+
+/// Sizes for one run; `quick` is for tests and smoke runs.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Preset {
+    pub users: usize,
+    pub test_users: usize,
+    pub vocab: usize,
+    pub judge_steps: usize,
+    pub sft_steps: usize,
+    pub sft_batch: usize,
+    pub sft_lr: f64,
+    pub policy: GptConfig,
+    pub eval_users: usize,
+    pub max_new_tokens: usize,
+}
+
+impl Preset {
+    pub fn full() -> Self {
+        Self {
+            users: 1200,
+            test_users: 200,
+            vocab: 2048,
+            judge_steps: 1500,
+            sft_steps: 1200,
+            sft_batch: 16,
+            sft_lr: 2e-3,
+            policy: GptConfig {
+                vocab_size: 0,
+                n_layer: 4,
+                n_head: 4,
+                d_model: 128,
+                d_ff: 512,
+                max_positions: 512,
+            },
+            eval_users: 200,
+            max_new_tokens: 160,
+        }
+    }
+    pub fn quick() -> Self {
+        Self {
+            users: 48,
+            test_users: 8,
+            vocab: 700,
+            judge_steps: 60,
+            sft_steps: 8,
+            sft_batch: 8,
+            sft_lr: 2e-3,
+            policy: GptConfig {
+                vocab_size: 0,
+                n_layer: 1,
+                n_head: 2,
+                d_model: 32,
+                d_ff: 64,
+                max_positions: 512,
+            },
+            eval_users: 4,
+            max_new_tokens: 24,
+        }
+    }
+}
+
+pub struct Run {
+    pub dir: PathBuf,
+    pub seed: u64,
+}
+
+pub fn bar(msg: &str) -> ProgressBar {
+    let pb = ProgressBar::new(0);
+    pb.set_style(
+        ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {elapsed}<{eta} {msg}")
+            .unwrap()
+            .progress_chars("=> "),
+    );
+    pb.set_prefix(msg.to_string());
+    pb
+}
+
+fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(v)?)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let s = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "reading {} (run the step that makes it first)",
+            path.display()
+        )
+    })?;
+    serde_json::from_str(&s).with_context(|| format!("parsing {}", path.display()))
+}
+
+fn weights(vars: &VarMap) -> HashMap<String, Tensor> {
+    vars.data()
+        .lock()
+        .expect("varmap lock")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect()
+}
+
+impl Run {
+    pub fn new(dir: PathBuf, seed: u64) -> Result<Self> {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self { dir, seed })
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+    fn rng(&self, salt: u64) -> StdRng {
+        StdRng::seed_from_u64(self.seed.wrapping_mul(1_000_003).wrapping_add(salt))
+    }
+    pub fn preset(&self) -> Result<Preset> {
+        read_json(&self.path("preset.json"))
+    }
+    pub fn set_preset(&self, p: &Preset) -> Result<()> {
+        write_json(&self.path("preset.json"), p)
+    }
+    pub fn world(&self) -> Result<World> {
+        synth::read_world(&self.path("data"))
+    }
+    pub fn tokenizer(&self) -> Result<TextTokenizer> {
+        Ok(TextTokenizer::load(&self.path("tokenizer.json"))?)
+    }
+
+    pub fn synth(&self, cfg: &SynthConfig, alignx: Option<&Path>) -> Result<World> {
+        let world = match alignx {
+            Some(p) => {
+                super::alignx::import(p, cfg.seed, cfg.test_users as f64 / cfg.users.max(1) as f64)?
+            }
+            None => synth::generate(cfg),
+        };
+        synth::write_world(&self.path("data"), &world)?;
+        tracing::info!(users = world.users.len(), events = world.events.len(), dir = %self.path("data").display(), "synthetic world written");
+        Ok(world)
+    }
+
+    /// BPE over everything the models will read or write: prompts, teacher-style responses, pairs.
+    pub fn tokenizer_step(&self, vocab: usize) -> Result<TextTokenizer> {
+        let world = self.world()?;
+        let mut rng = self.rng(1);
+        let windows = sft::user_windows(&world);
+        let mut texts: Vec<String> = Vec::new();
+        for u in &world.users {
+            texts.push(u.golden.clone());
+            for p in &u.test_pairs {
+                texts.push(format!("{} {} {}", p.post, p.chosen, p.rejected));
+            }
+            if let Some(ws) = windows.get(u.user_id.as_str()) {
+                for w in ws.iter().take(2) {
+                    let anns: Vec<_> = w.iter().map(|x| x.1).collect();
+                    let c = &super::teacher::teach(u, &[], &anns, 1, 0.0, &mut rng)[0];
+                    texts.push(build_prompt(Some(&u.golden), w.iter().map(|x| &x.0.body)));
+                    texts.push(build_response(&c.reasoning, &c.description));
+                }
+            }
+        }
+        let tok = TextTokenizer::train(texts.into_iter(), vocab)?;
+        tok.save(&self.path("tokenizer.json"))?;
+        tracing::info!(vocab = tok.vocab_size(), "tokenizer trained");
+        Ok(tok)
+    }
+
+    fn judge_pairs(u: &synth::UserRecord) -> Vec<Pair> {
+        u.test_pairs.clone()
+    }
+
+    pub fn load_judge(&self) -> Result<(Judge, VarMap)> {
+        let cfg: JudgeConfig = read_json(&self.path("judge.json"))?;
+        let mut vars = VarMap::new();
+        let judge = Judge::new(
+            &cfg,
+            VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu),
+        )?;
+        vars.load(self.path("judge.safetensors"))
+            .context("loading judge.safetensors")?;
+        Ok((judge, vars))
+    }
+
+    pub fn judge_step(&self, steps: usize) -> Result<Vec<EvalRow>> {
+        let world = self.world()?;
+        let tok = self.tokenizer()?;
+        let cfg = JudgeConfig::small(tok.vocab_size());
+        let vars = VarMap::new();
+        let judge = Judge::new(
+            &cfg,
+            VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu),
+        )?;
+        let train: Vec<_> = world
+            .users
+            .iter()
+            .filter(|u| u.split == Split::Train)
+            .collect();
+        let pb = bar("judge");
+        let curves = train_judge(
+            &judge,
+            &vars,
+            &train,
+            &Self::judge_pairs,
+            &tok,
+            steps,
+            64,
+            3e-3,
+            &mut self.rng(2),
+            &pb,
+        )?;
+        pb.finish();
+        curves.write(&self.dir, "judge_curve")?;
+        vars.save(self.path("judge.safetensors"))?;
+        write_json(&self.path("judge.json"), &cfg)?;
+        let scorer = Scorer {
+            judge: &judge,
+            tok: &tok,
+            device: Device::Cpu,
+        };
+        let users = test_users(&world, usize::MAX);
+        let rows = reference_rows(&scorer, &users)?;
+        write_json(&self.path("judge_eval.json"), &rows)?;
+        for r in &rows {
+            tracing::info!(description = %r.method, acc_jud = r.acc_jud, pairs = r.pairs, "judge on held-out users");
+        }
+        Ok(rows)
+    }
+
+    pub fn load_policy(&self) -> Result<(Gpt, VarMap)> {
+        let cfg: GptConfig = read_json(&self.path("policy.json"))?;
+        let mut vars = VarMap::new();
+        let model = sft::new_policy(&cfg, &vars)?;
+        vars.load(self.path("policy.safetensors"))
+            .context("loading policy.safetensors")?;
+        Ok((model, vars))
+    }
+
+    pub fn sft_step(&self, preset: &Preset) -> Result<()> {
+        let world = self.world()?;
+        let tok = self.tokenizer()?;
+        let (judge, _) = self.load_judge()?;
+        let scorer = Scorer {
+            judge: &judge,
+            tok: &tok,
+            device: Device::Cpu,
+        };
+        let mut rng = self.rng(3);
+        let pb = bar("teacher");
+        let (examples, stats) = sft::build_examples(&world, &scorer, 4, 0.6, &mut rng, &pb)?;
+        pb.finish();
+        tracing::info!(?stats, "cold-start data filtered by R_jud");
+        write_json(&self.path("sft_filter.json"), &stats)?;
+        let mut f =
+            std::io::BufWriter::new(std::fs::File::create(self.path("sft_examples.jsonl"))?);
+        for e in &examples {
+            writeln!(f, "{}", serde_json::to_string(e)?)?;
+        }
+        f.flush()?;
+        let mut cfg = preset.policy.clone();
+        cfg.vocab_size = tok.vocab_size();
+        let data = sft::tokenize(&examples, &tok, cfg.max_positions);
+        let (valid, train) = data.split_at(data.len().min(64).min(data.len() / 10));
+        let longest = data
+            .iter()
+            .map(|t| t.prompt.len() + t.response.len())
+            .max()
+            .unwrap_or(0);
+        tracing::info!(
+            examples = data.len(),
+            dropped = examples.len() - data.len(),
+            longest,
+            "tokenized"
+        );
+        let vars = VarMap::new();
+        let model = sft::new_policy(&cfg, &vars)?;
+        let tc = TrainConfig {
+            steps: preset.sft_steps,
+            batch: preset.sft_batch,
+            lr: preset.sft_lr,
+            warmup: (preset.sft_steps / 20).max(1),
+        };
+        let pb = bar("sft");
+        let curves = sft::train(&model, &vars, train, valid, &tc, tok.pad, &mut rng, &pb)?;
+        pb.finish();
+        curves.write(&self.dir, "sft_curve")?;
+        vars.save(self.path("policy.safetensors"))?;
+        write_json(&self.path("policy.json"), &cfg)?;
+        Ok(())
+    }
+
+    /// Writes a model package: model.onnx, judge.onnx, tokenizer.json, manifest.json.
+    pub fn export_step(&self, out: &Path, preset: &Preset) -> Result<()> {
+        std::fs::create_dir_all(out)?;
+        let (policy, pvars) = self.load_policy()?;
+        let (judge, jvars) = self.load_judge()?;
+        super::export::export_policy(&policy.cfg, &weights(&pvars), &out.join("model.onnx"))?;
+        super::export::export_judge(&judge.cfg, &weights(&jvars), &out.join("judge.onnx"))?;
+        std::fs::copy(self.path("tokenizer.json"), out.join("tokenizer.json"))?;
+        let manifest = serde_json::json!({
+            "name": MODEL_NAME,
+            "version": format!("0.1.0+seed{}", self.seed),
+            "template": TEMPLATE_ID,
+            "model": "model.onnx",
+            "judge": "judge.onnx",
+            "tokenizer": "tokenizer.json",
+            "special_tokens": {
+                "pad": SPECIAL_TOKENS[0], "eos": SPECIAL_TOKENS[1],
+                "think_open": SPECIAL_TOKENS[2], "think_close": SPECIAL_TOKENS[3],
+                "answer_open": SPECIAL_TOKENS[4], "answer_close": SPECIAL_TOKENS[5]
+            },
+            "generation": {
+                "max_new_tokens": preset.max_new_tokens,
+                "temperature": SamplingParams::PAPER.temperature,
+                "top_p": SamplingParams::PAPER.top_p,
+                "top_k": SamplingParams::PAPER.top_k,
+                "stop": [SPECIAL_TOKENS[5], SPECIAL_TOKENS[1]]
+            },
+            "policy_config": policy.cfg,
+            "judge_config": judge.cfg,
+            "training": { "seed": self.seed, "preset": preset }
+        });
+        write_json(&out.join("manifest.json"), &manifest)?;
+        tracing::info!(dir = %out.display(), "model package written");
+        Ok(())
+    }
+
+    /// Acc_jud table for the SFT policy (greedy) beside Null / raw signals / Golden.
+    pub fn eval_step(&self, preset: &Preset, settings: &[Setting]) -> Result<Vec<EvalRow>> {
+        let world = self.world()?;
+        let tok = self.tokenizer()?;
+        let (judge, _) = self.load_judge()?;
+        let (policy, _) = self.load_policy()?;
+        let scorer = Scorer {
+            judge: &judge,
+            tok: &tok,
+            device: Device::Cpu,
+        };
+        let users = test_users(&world, preset.eval_users);
+        let mut rows = reference_rows(&scorer, &users)?;
+        let mut rng = self.rng(4);
+        let pb = bar("eval");
+        pb.set_length(settings.len() as u64);
+        let mut samples = Vec::new();
+        for &s in settings {
+            let (row, descs) = eval_policy(
+                "SFT",
+                &policy,
+                &tok,
+                &scorer,
+                &users,
+                s,
+                &SamplingParams::GREEDY,
+                preset.max_new_tokens,
+                32,
+                &mut rng,
+            )?;
+            tracing::info!(
+                setting = s.name(),
+                acc_jud = row.acc_jud,
+                format_rate = row.format_rate,
+                "evaluated"
+            );
+            samples.push(serde_json::json!({"setting": s.name(), "user": users[0].0.user_id, "golden": users[0].0.golden, "description": descs[0]}));
+            rows.push(row);
+            pb.inc(1);
+        }
+        pb.finish();
+        write_json(
+            &self.path("eval.json"),
+            &serde_json::json!({"rows": rows, "samples": samples}),
+        )?;
+        std::fs::write(self.path("eval.md"), markdown(&rows))?;
+        Ok(rows)
+    }
+}
