@@ -23,11 +23,7 @@ pub struct Event {
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum EventBody {
     /// AlignX pair-wise comparative feedback: the user chose `chosen` over `rejected` for `post`.
-    Comparison {
-        post: String,
-        chosen: String,
-        rejected: String,
-    },
+    Comparison { post: String, chosen: String, rejected: String },
     /// User-generated content.
     Ugc { text: String },
     /// Erase the user: state deleted, tombstone published.
@@ -44,17 +40,10 @@ pub enum EventError {
     Schema { path: String, message: String },
 }
 
-fn validator(
-    schema: &'static str,
-    cell: &'static OnceLock<jsonschema::Validator>,
-) -> &'static jsonschema::Validator {
+fn validator(schema: &'static str, cell: &'static OnceLock<jsonschema::Validator>) -> &'static jsonschema::Validator {
     cell.get_or_init(|| {
-        let schema: serde_json::Value =
-            serde_json::from_str(schema).expect("bundled schema is JSON");
-        jsonschema::options()
-            .should_validate_formats(true)
-            .build(&schema)
-            .expect("bundled schema compiles")
+        let schema: serde_json::Value = serde_json::from_str(schema).expect("bundled schema is JSON");
+        jsonschema::options().should_validate_formats(true).build(&schema).expect("bundled schema compiles")
     })
 }
 
@@ -62,10 +51,7 @@ fn validator(
 fn check(v: &serde_json::Value, validator: &jsonschema::Validator) -> Result<(), EventError> {
     match validator.iter_errors(v).next() {
         None => Ok(()),
-        Some(e) => Err(EventError::Schema {
-            path: e.instance_path.to_string(),
-            message: e.to_string(),
-        }),
+        Some(e) => Err(EventError::Schema { path: e.instance_path.to_string(), message: e.to_string() }),
     }
 }
 
@@ -103,11 +89,7 @@ mod tests {
             event_id: "e1".into(),
             user_id: "u1".into(),
             ts: "2026-11-26T10:00:00Z".into(),
-            body: EventBody::Comparison {
-                post: "p".into(),
-                chosen: "a".into(),
-                rejected: "b".into(),
-            },
+            body: EventBody::Comparison { post: "p".into(), chosen: "a".into(), rejected: "b".into() },
         }
     }
 
@@ -116,43 +98,25 @@ mod tests {
         let e = comparison();
         let parsed = parse_event(e.to_json().as_bytes()).unwrap();
         assert_eq!(parsed, e);
-        let forget = Event {
-            body: EventBody::Forget,
-            ..e
-        };
+        let forget = Event { body: EventBody::Forget, ..e };
         assert_eq!(parse_event(forget.to_json().as_bytes()).unwrap(), forget);
     }
 
     #[test]
     fn rejects_bad_input() {
         assert!(matches!(parse_event(b"\xff\xfe"), Err(EventError::Utf8(_))));
-        assert!(matches!(
-            parse_event(b"{not json"),
-            Err(EventError::Json(_))
-        ));
+        assert!(matches!(parse_event(b"{not json"), Err(EventError::Json(_))));
         let mut v: serde_json::Value = serde_json::from_str(&comparison().to_json()).unwrap();
         v["schema_version"] = 2.into();
-        assert!(matches!(
-            parse_event(v.to_string().as_bytes()),
-            Err(EventError::Schema { .. })
-        ));
+        assert!(matches!(parse_event(v.to_string().as_bytes()), Err(EventError::Schema { .. })));
         let mut v: serde_json::Value = serde_json::from_str(&comparison().to_json()).unwrap();
         v["kind"] = "click".into();
-        assert!(matches!(
-            parse_event(v.to_string().as_bytes()),
-            Err(EventError::Schema { .. })
-        ));
+        assert!(matches!(parse_event(v.to_string().as_bytes()), Err(EventError::Schema { .. })));
         let mut v: serde_json::Value = serde_json::from_str(&comparison().to_json()).unwrap();
         v["ts"] = "yesterday".into();
-        assert!(matches!(
-            parse_event(v.to_string().as_bytes()),
-            Err(EventError::Schema { .. })
-        ));
+        assert!(matches!(parse_event(v.to_string().as_bytes()), Err(EventError::Schema { .. })));
         let mut v: serde_json::Value = serde_json::from_str(&comparison().to_json()).unwrap();
         v.as_object_mut().unwrap().remove("chosen");
-        assert!(matches!(
-            parse_event(v.to_string().as_bytes()),
-            Err(EventError::Schema { .. })
-        ));
+        assert!(matches!(parse_event(v.to_string().as_bytes()), Err(EventError::Schema { .. })));
     }
 }

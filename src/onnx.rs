@@ -76,11 +76,7 @@ pub struct TensorProto {
 
 impl TensorProto {
     pub fn f32(name: impl Into<String>, dims: &[i64], data: &[f32]) -> Self {
-        assert_eq!(
-            dims.iter().product::<i64>() as usize,
-            data.len(),
-            "tensor dims do not match data length"
-        );
+        assert_eq!(dims.iter().product::<i64>() as usize, data.len(), "tensor dims do not match data length");
         Self {
             name: name.into(),
             dims: dims.to_vec(),
@@ -90,11 +86,7 @@ impl TensorProto {
     }
 
     pub fn i64(name: impl Into<String>, dims: &[i64], data: &[i64]) -> Self {
-        assert_eq!(
-            dims.iter().product::<i64>() as usize,
-            data.len(),
-            "tensor dims do not match data length"
-        );
+        assert_eq!(dims.iter().product::<i64>() as usize, data.len(), "tensor dims do not match data length");
         Self {
             name: name.into(),
             dims: dims.to_vec(),
@@ -130,34 +122,19 @@ pub struct Attribute {
 
 impl Attribute {
     pub fn float(name: &str, v: f32) -> Self {
-        Self {
-            name: name.into(),
-            value: AttrValue::Float(v),
-        }
+        Self { name: name.into(), value: AttrValue::Float(v) }
     }
     pub fn int(name: &str, v: i64) -> Self {
-        Self {
-            name: name.into(),
-            value: AttrValue::Int(v),
-        }
+        Self { name: name.into(), value: AttrValue::Int(v) }
     }
     pub fn ints(name: &str, v: &[i64]) -> Self {
-        Self {
-            name: name.into(),
-            value: AttrValue::Ints(v.to_vec()),
-        }
+        Self { name: name.into(), value: AttrValue::Ints(v.to_vec()) }
     }
     pub fn string(name: &str, v: &str) -> Self {
-        Self {
-            name: name.into(),
-            value: AttrValue::String(v.into()),
-        }
+        Self { name: name.into(), value: AttrValue::String(v.into()) }
     }
     pub fn tensor(name: &str, t: TensorProto) -> Self {
-        Self {
-            name: name.into(),
-            value: AttrValue::Tensor(t),
-        }
+        Self { name: name.into(), value: AttrValue::Tensor(t) }
     }
 
     fn encode(&self, buf: &mut Vec<u8>) {
@@ -349,13 +326,7 @@ pub struct GraphBuilder {
 
 impl GraphBuilder {
     pub fn new(name: &str) -> Self {
-        Self {
-            graph: GraphProto {
-                name: name.into(),
-                ..Default::default()
-            },
-            next_id: 0,
-        }
+        Self { graph: GraphProto { name: name.into(), ..Default::default() }, next_id: 0 }
     }
 
     fn fresh(&mut self, stem: &str) -> String {
@@ -364,34 +335,22 @@ impl GraphBuilder {
     }
 
     pub fn input(&mut self, name: &str, elem_type: DataType, dims: Vec<Dim>) -> String {
-        self.graph.inputs.push(ValueInfo {
-            name: name.into(),
-            elem_type,
-            dims,
-        });
+        self.graph.inputs.push(ValueInfo { name: name.into(), elem_type, dims });
         name.into()
     }
 
     /// Declares `name` (already produced by some node) as a graph output.
     pub fn output(&mut self, name: &str, elem_type: DataType, dims: Vec<Dim>) {
-        self.graph.outputs.push(ValueInfo {
-            name: name.into(),
-            elem_type,
-            dims,
-        });
+        self.graph.outputs.push(ValueInfo { name: name.into(), elem_type, dims });
     }
 
     pub fn init_f32(&mut self, name: &str, dims: &[i64], data: &[f32]) -> String {
-        self.graph
-            .initializers
-            .push(TensorProto::f32(name, dims, data));
+        self.graph.initializers.push(TensorProto::f32(name, dims, data));
         name.into()
     }
 
     pub fn init_i64(&mut self, name: &str, dims: &[i64], data: &[i64]) -> String {
-        self.graph
-            .initializers
-            .push(TensorProto::i64(name, dims, data));
+        self.graph.initializers.push(TensorProto::i64(name, dims, data));
         name.into()
     }
 
@@ -457,12 +416,7 @@ mod tests {
         let mut g = GraphBuilder::new("g");
         g.input("x", DataType::Float, vec!["batch".into(), 3i64.into()]);
         let w = g.init_f32("w", &[3], &[1.0, 2.0, 3.0]);
-        g.node_to(
-            "Add",
-            &["x", &w],
-            "y",
-            vec![Attribute::ints("unused", &[1, -2])],
-        );
+        g.node_to("Add", &["x", &w], "y", vec![Attribute::ints("unused", &[1, -2])]);
         g.output("y", DataType::Float, vec!["batch".into(), 3i64.into()]);
         let bytes = g.finish().encode();
         // ir_version field first, then the producer name as a length-delimited string.

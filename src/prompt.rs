@@ -18,14 +18,8 @@ pub const MAX_DESCRIPTION_CHARS: usize = 4096;
 /// The policy prompt. As in the AlignXplore reference code it ends by opening the reasoning
 /// tag, so the model continues with its reasoning. `previous` is the last description (streaming)
 /// or `None` (base setting).
-pub fn build_prompt<'a>(
-    previous: Option<&str>,
-    signals: impl IntoIterator<Item = &'a EventBody>,
-) -> String {
-    let prev = previous
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .unwrap_or(NOT_PROVIDED);
+pub fn build_prompt<'a>(previous: Option<&str>, signals: impl IntoIterator<Item = &'a EventBody>) -> String {
+    let prev = previous.map(str::trim).filter(|p| !p.is_empty()).unwrap_or(NOT_PROVIDED);
     let mut s = String::with_capacity(512);
     s.push_str("Infer the user's preferences from their past preferences and new signals.\n");
     s.push_str("Past preferences: ");
@@ -34,15 +28,9 @@ pub fn build_prompt<'a>(
     let mut n = 0;
     for body in signals {
         match body {
-            EventBody::Comparison {
-                post,
-                chosen,
-                rejected,
-            } => {
+            EventBody::Comparison { post, chosen, rejected } => {
                 n += 1;
-                s.push_str(&format!(
-                    "{n}. *Post:* {post} *Chosen:* {chosen} *Rejected:* {rejected}\n"
-                ));
+                s.push_str(&format!("{n}. *Post:* {post} *Chosen:* {chosen} *Rejected:* {rejected}\n"));
             }
             EventBody::Ugc { text } => {
                 n += 1;
@@ -125,14 +113,7 @@ pub fn parse_output(generated: &str) -> ParsedOutput {
         return fail(reasoning, e);
     };
     let Some((answer, tail)) = rest.split_once(ANSWER_CLOSE) else {
-        return fail(
-            reasoning,
-            if has_tag(rest) {
-                FormatError::MisplacedTag
-            } else {
-                FormatError::UnclosedAnswer
-            },
-        );
+        return fail(reasoning, if has_tag(rest) { FormatError::MisplacedTag } else { FormatError::UnclosedAnswer });
     };
     if has_tag(answer) {
         return fail(reasoning, FormatError::MisplacedTag);
@@ -147,11 +128,7 @@ pub fn parse_output(generated: &str) -> ParsedOutput {
     if answer.chars().count() > MAX_DESCRIPTION_CHARS {
         return fail(reasoning, FormatError::AnswerTooLong);
     }
-    ParsedOutput {
-        reasoning: reasoning.trim().to_string(),
-        description: Some(answer.to_string()),
-        error: None,
-    }
+    ParsedOutput { reasoning: reasoning.trim().to_string(), description: Some(answer.to_string()), error: None }
 }
 
 #[cfg(test)]
@@ -160,11 +137,7 @@ mod tests {
 
     #[test]
     fn prompt_numbers_signals_and_opens_think() {
-        let a = EventBody::Comparison {
-            post: "P".into(),
-            chosen: "C".into(),
-            rejected: "R".into(),
-        };
+        let a = EventBody::Comparison { post: "P".into(), chosen: "C".into(), rejected: "R".into() };
         let b = EventBody::Ugc { text: "T".into() };
         let p = build_prompt(None, [&a, &b]);
         assert!(p.contains("Past preferences: Not provided\n"));
@@ -177,10 +150,7 @@ mod tests {
 
     #[test]
     fn well_formed_output_parses() {
-        let out = parse_output(&format!(
-            "{}<eos>",
-            build_response("because", " The user likes tea. ")
-        ));
+        let out = parse_output(&format!("{}<eos>", build_response("because", " The user likes tea. ")));
         assert_eq!(out.description.as_deref(), Some("The user likes tea."));
         assert_eq!(out.reasoning, "because");
         assert!(out.format_ok());
@@ -193,28 +163,13 @@ mod tests {
             ("reasoning only", FormatError::MissingThinkClose),
             ("r</think>no answer tag", FormatError::MissingAnswer),
             ("r</think><answer>cut off mid", FormatError::UnclosedAnswer),
-            (
-                "r<think>x</think><answer>d</answer>",
-                FormatError::MisplacedTag,
-            ),
-            (
-                "r</think><answer>a<answer>b</answer></answer>",
-                FormatError::MisplacedTag,
-            ),
-            (
-                "r</think><answer>d</answer> and more",
-                FormatError::TrailingText,
-            ),
-            (
-                "r</think><answer>d</answer><answer>e</answer>",
-                FormatError::TrailingText,
-            ),
+            ("r<think>x</think><answer>d</answer>", FormatError::MisplacedTag),
+            ("r</think><answer>a<answer>b</answer></answer>", FormatError::MisplacedTag),
+            ("r</think><answer>d</answer> and more", FormatError::TrailingText),
+            ("r</think><answer>d</answer><answer>e</answer>", FormatError::TrailingText),
             ("r</think><answer>  </answer>", FormatError::EmptyAnswer),
             ("r</think>text<answer>d</answer>", FormatError::TrailingText),
-            (
-                "r</think></think><answer>d</answer>",
-                FormatError::MisplacedTag,
-            ),
+            ("r</think></think><answer>d</answer>", FormatError::MisplacedTag),
         ];
         for (text, want) in cases {
             let out = parse_output(text);

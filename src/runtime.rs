@@ -72,9 +72,7 @@ pub fn cache_dir() -> PathBuf {
     match std::env::var_os("PREFSTREAM_CACHE") {
         Some(p) if !p.is_empty() => PathBuf::from(p),
         _ => {
-            let home = std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from("."));
+            let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
             home.join(".cache").join("prefstream")
         }
     }
@@ -87,18 +85,14 @@ pub fn ort_library_path() -> Result<PathBuf, RuntimeError> {
         return if p.is_file() {
             Ok(p)
         } else {
-            Err(RuntimeError::LibraryMissing {
-                tried: format!("ORT_DYLIB_PATH={}", p.display()),
-            })
+            Err(RuntimeError::LibraryMissing { tried: format!("ORT_DYLIB_PATH={}", p.display()) })
         };
     }
     let p = cache_dir().join("ort").join("libonnxruntime.so");
     if p.is_file() {
         Ok(p)
     } else {
-        Err(RuntimeError::LibraryMissing {
-            tried: p.display().to_string(),
-        })
+        Err(RuntimeError::LibraryMissing { tried: p.display().to_string() })
     }
 }
 
@@ -116,14 +110,9 @@ pub fn environment() -> Result<&'static Environment, RuntimeError> {
         return Ok(env);
     }
     let path = ort_library_path()?;
-    let builder = ort::init_from(&path).map_err(|e| RuntimeError::LibraryLoad {
-        path: path.clone(),
-        message: e.to_string(),
-    })?;
-    let env = builder
-        .with_name("prefstream")
-        .build()
-        .map_err(|e| RuntimeError::Environment(e.to_string()))?;
+    let builder =
+        ort::init_from(&path).map_err(|e| RuntimeError::LibraryLoad { path: path.clone(), message: e.to_string() })?;
+    let env = builder.with_name("prefstream").build().map_err(|e| RuntimeError::Environment(e.to_string()))?;
     Ok(ENV.get_or_init(|| env))
 }
 
@@ -133,27 +122,16 @@ pub fn session_from_file(path: &Path, device: &Device) -> Result<Session, Runtim
         return Err(RuntimeError::ModelMissing(path.to_path_buf()));
     }
     let env = environment()?;
-    let session_err = |message: String| RuntimeError::Session {
-        path: path.to_path_buf(),
-        message,
-    };
+    let session_err = |message: String| RuntimeError::Session { path: path.to_path_buf(), message };
     let mut builder = Session::builder(env).map_err(|e| session_err(e.to_string()))?;
     if let Device::Cuda(n) = *device {
         let id = i32::try_from(n).map_err(|_| RuntimeError::BadDevice(device.to_string()))?;
-        let cuda = ep::CUDA::default()
-            .with_device_id(id)
-            .build()
-            .error_on_failure();
+        let cuda = ep::CUDA::default().with_device_id(id).build().error_on_failure();
         builder = builder
             .with_execution_providers([cuda])
-            .map_err(|e| RuntimeError::Cuda {
-                device: n,
-                message: e.to_string(),
-            })?;
+            .map_err(|e| RuntimeError::Cuda { device: n, message: e.to_string() })?;
     }
-    builder
-        .commit_from_file(path)
-        .map_err(|e| session_err(e.to_string()))
+    builder.commit_from_file(path).map_err(|e| session_err(e.to_string()))
 }
 
 #[cfg(test)]

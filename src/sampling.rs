@@ -13,17 +13,9 @@ pub struct SamplingParams {
 }
 
 impl SamplingParams {
-    pub const GREEDY: Self = Self {
-        temperature: 0.0,
-        top_k: 0,
-        top_p: 1.0,
-    };
+    pub const GREEDY: Self = Self { temperature: 0.0, top_k: 0, top_p: 1.0 };
     /// AlignXplore's inference setting.
-    pub const PAPER: Self = Self {
-        temperature: 0.9,
-        top_k: 10,
-        top_p: 0.95,
-    };
+    pub const PAPER: Self = Self { temperature: 0.9, top_k: 10, top_p: 0.95 };
 }
 
 pub fn argmax(logits: &[f32]) -> u32 {
@@ -42,19 +34,12 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut impl Rng) -> u32 {
         return argmax(logits);
     }
     let mut idx: Vec<usize> = (0..logits.len()).collect();
-    let k = if p.top_k == 0 {
-        logits.len()
-    } else {
-        p.top_k.min(logits.len())
-    };
+    let k = if p.top_k == 0 { logits.len() } else { p.top_k.min(logits.len()) };
     idx.select_nth_unstable_by(k - 1, |&a, &b| logits[b].total_cmp(&logits[a]));
     idx.truncate(k);
     idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
     let max = logits[idx[0]];
-    let mut probs: Vec<f32> = idx
-        .iter()
-        .map(|&i| ((logits[i] - max) / p.temperature).exp())
-        .collect();
+    let mut probs: Vec<f32> = idx.iter().map(|&i| ((logits[i] - max) / p.temperature).exp()).collect();
     let total: f32 = probs.iter().sum();
     probs.iter_mut().for_each(|x| *x /= total);
     // Nucleus: the smallest prefix whose mass reaches top_p.
@@ -93,29 +78,14 @@ mod tests {
     #[test]
     fn greedy_and_filters() {
         let logits = [0.1, 3.0, 2.9, -1.0, 0.0];
-        assert_eq!(
-            sample(
-                &logits,
-                &SamplingParams::GREEDY,
-                &mut StdRng::seed_from_u64(0)
-            ),
-            1
-        );
+        assert_eq!(sample(&logits, &SamplingParams::GREEDY, &mut StdRng::seed_from_u64(0)), 1);
         let mut rng = StdRng::seed_from_u64(1);
-        let p = SamplingParams {
-            temperature: 1.0,
-            top_k: 2,
-            top_p: 1.0,
-        };
+        let p = SamplingParams { temperature: 1.0, top_k: 2, top_p: 1.0 };
         for _ in 0..200 {
             assert!(matches!(sample(&logits, &p, &mut rng), 1 | 2));
         }
         // top_p small keeps only the best token
-        let p = SamplingParams {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 0.1,
-        };
+        let p = SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.1 };
         for _ in 0..50 {
             assert_eq!(sample(&logits, &p, &mut rng), 1);
         }
@@ -124,15 +94,9 @@ mod tests {
     #[test]
     fn sampling_follows_probabilities_and_seed() {
         let logits = [0.0f32, (3.0f32).ln()];
-        let p = SamplingParams {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1.0,
-        };
+        let p = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0 };
         let mut rng = StdRng::seed_from_u64(7);
-        let ones = (0..4000)
-            .filter(|_| sample(&logits, &p, &mut rng) == 1)
-            .count();
+        let ones = (0..4000).filter(|_| sample(&logits, &p, &mut rng) == 1).count();
         assert!((2800..3200).contains(&ones), "{ones}");
         let a: Vec<u32> = {
             let mut r = StdRng::seed_from_u64(3);

@@ -8,8 +8,7 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 
 /// Special tokens, in id order: `<pad>` is 0 and `<eos>` is 1.
-pub const SPECIAL_TOKENS: [&str; 6] =
-    [PAD, EOS, THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE];
+pub const SPECIAL_TOKENS: [&str; 6] = [PAD, EOS, THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE];
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
@@ -32,33 +31,19 @@ pub struct TextTokenizer {
 
 impl TextTokenizer {
     pub fn load(path: &Path) -> Result<Self, TokenizerError> {
-        let inner = Tokenizer::from_file(path).map_err(|e| TokenizerError::Load {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })?;
+        let inner = Tokenizer::from_file(path)
+            .map_err(|e| TokenizerError::Load { path: path.display().to_string(), message: e.to_string() })?;
         Self::from_tokenizer(inner, &path.display().to_string())
     }
 
     fn from_tokenizer(inner: Tokenizer, name: &str) -> Result<Self, TokenizerError> {
-        let id = |t: &str| {
-            inner
-                .token_to_id(t)
-                .ok_or_else(|| TokenizerError::MissingSpecial(name.into(), t.into()))
-        };
-        Ok(Self {
-            pad: id(PAD)?,
-            eos: id(EOS)?,
-            answer_close: id(ANSWER_CLOSE)?,
-            inner,
-        })
+        let id = |t: &str| inner.token_to_id(t).ok_or_else(|| TokenizerError::MissingSpecial(name.into(), t.into()));
+        Ok(Self { pad: id(PAD)?, eos: id(EOS)?, answer_close: id(ANSWER_CLOSE)?, inner })
     }
 
     pub fn encode(&self, text: &str) -> Vec<u32> {
         // Encoding our own tokenizer cannot fail on a &str; map defensively to empty.
-        self.inner
-            .encode(text, false)
-            .map(|e| e.get_ids().to_vec())
-            .unwrap_or_default()
+        self.inner.encode(text, false).map(|e| e.get_ids().to_vec()).unwrap_or_default()
     }
 
     /// Decode keeping the tags (they are special tokens) so the format check can see them.
@@ -71,20 +56,12 @@ impl TextTokenizer {
     }
 
     pub fn save(&self, path: &Path) -> Result<(), TokenizerError> {
-        self.inner
-            .save(path, false)
-            .map_err(|e| TokenizerError::Other(e.to_string()))
+        self.inner.save(path, false).map_err(|e| TokenizerError::Other(e.to_string()))
     }
 
     /// Train byte-level BPE on `texts`.
-    pub fn train(
-        texts: impl Iterator<Item = String> + Send,
-        vocab_size: usize,
-    ) -> Result<Self, TokenizerError> {
-        let specials = SPECIAL_TOKENS
-            .iter()
-            .map(|t| AddedToken::from(*t, true))
-            .collect();
+    pub fn train(texts: impl Iterator<Item = String> + Send, vocab_size: usize) -> Result<Self, TokenizerError> {
+        let specials = SPECIAL_TOKENS.iter().map(|t| AddedToken::from(*t, true)).collect();
         let trainer = BpeTrainer::builder()
             .vocab_size(vocab_size)
             .min_frequency(2)
@@ -96,8 +73,7 @@ impl TextTokenizer {
         let mut tok = Tokenizer::new(BPE::default());
         tok.with_pre_tokenizer(Some(ByteLevel::default()));
         tok.with_decoder(Some(ByteLevel::default()));
-        tok.train(&mut trainer, texts)
-            .map_err(|e| TokenizerError::Other(e.to_string()))?;
+        tok.train(&mut trainer, texts).map_err(|e| TokenizerError::Other(e.to_string()))?;
         Self::from_tokenizer(tok, "trained")
     }
 }
@@ -109,26 +85,18 @@ mod tests {
     #[test]
     fn trains_with_special_tokens_and_round_trips() {
         let corpus: Vec<String> = (0..200)
-            .map(|i| {
-                format!("The user likes tea number {i}.<think>so</think><answer>tea</answer><eos>")
-            })
+            .map(|i| format!("The user likes tea number {i}.<think>so</think><answer>tea</answer><eos>"))
             .collect();
         let tok = TextTokenizer::train(corpus.into_iter(), 300).unwrap();
         assert_eq!((tok.pad, tok.eos), (0, 1));
         let ids = tok.encode("why<think>a</think><answer>b c</answer>");
         assert!(ids.contains(&tok.answer_close));
-        assert_eq!(
-            tok.decode(&ids).replace(' ', ""),
-            "why<think>a</think><answer>bc</answer>"
-        );
+        assert_eq!(tok.decode(&ids).replace(' ', ""), "why<think>a</think><answer>bc</answer>");
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokenizer.json");
         tok.save(&path).unwrap();
         let again = TextTokenizer::load(&path).unwrap();
-        assert_eq!(
-            again.encode("The user likes tea."),
-            tok.encode("The user likes tea.")
-        );
+        assert_eq!(again.encode("The user likes tea."), tok.encode("The user likes tea."));
         assert!(TextTokenizer::load(&dir.path().join("missing.json")).is_err());
     }
 }

@@ -20,16 +20,10 @@ fn randomize(vm: &VarMap) -> HashMap<String, Tensor> {
         let t = var.as_tensor();
         let noise = Tensor::randn(0f32, 0.3, t.shape(), t.device()).unwrap();
         let is_ln = name.contains("ln");
-        let value = if is_ln && name.ends_with(".weight") {
-            (noise + 1.0).unwrap()
-        } else {
-            noise
-        };
+        let value = if is_ln && name.ends_with(".weight") { (noise + 1.0).unwrap() } else { noise };
         var.set(&value).unwrap();
     }
-    data.iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-        .collect()
+    data.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect()
 }
 
 fn open(path: &std::path::Path) -> Session {
@@ -43,28 +37,18 @@ fn ids_tensor(rows: &[Vec<u32>]) -> Tensor {
 fn ort_i64(rows: &[Vec<u32>]) -> SessionInputValue<'static> {
     let shape = vec![rows.len() as i64, rows[0].len() as i64];
     let data: Vec<i64> = rows.iter().flatten().map(|&v| v as i64).collect();
-    ort::value::Tensor::from_array((shape, data))
-        .unwrap()
-        .into()
+    ort::value::Tensor::from_array((shape, data)).unwrap().into()
 }
 
 fn ort_f32(t: &Tensor) -> SessionInputValue<'static> {
     let shape: Vec<i64> = t.dims().iter().map(|&d| d as i64).collect();
     let data = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    ort::value::Tensor::from_array((shape, data))
-        .unwrap()
-        .into()
+    ort::value::Tensor::from_array((shape, data)).unwrap().into()
 }
 
 /// Guards against a vacuous comparison (e.g. everything ~0).
 fn assert_nontrivial(t: &Tensor) {
-    let m = t
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let m = t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(m > 0.1, "reference output is near zero ({m})");
 }
 
@@ -74,10 +58,7 @@ fn max_diff(outputs: &ort::session::SessionOutputs, name: &str, expected: &Tenso
     let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
     assert_eq!(dims, expected.dims(), "{name} shape");
     let want = expected.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    data.iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max)
+    data.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max)
 }
 
 /// Runs the policy graph and returns the worst diff over logits and all presents.
@@ -99,9 +80,7 @@ fn run_policy(
         inputs.push((format!("past_key_values.{i}.key"), ort_f32(k)));
         inputs.push((format!("past_key_values.{i}.value"), ort_f32(v)));
     }
-    let out = session
-        .run(inputs)
-        .unwrap_or_else(|e| panic!("onnx run: {e}"));
+    let out = session.run(inputs).unwrap_or_else(|e| panic!("onnx run: {e}"));
     let mut worst = max_diff(&out, "logits", logits);
     for (i, (k, v)) in presents.iter().enumerate() {
         worst = worst.max(max_diff(&out, &format!("present.{i}.key"), k));
@@ -113,14 +92,7 @@ fn run_policy(
 #[test]
 fn policy_onnx_matches_candle() {
     let dev = Device::Cpu;
-    let cfg = GptConfig {
-        vocab_size: 64,
-        n_layer: 2,
-        n_head: 4,
-        d_model: 32,
-        d_ff: 64,
-        max_positions: 64,
-    };
+    let cfg = GptConfig { vocab_size: 64, n_layer: 2, n_head: 4, d_model: 32, d_ff: 64, max_positions: 64 };
     let vm = VarMap::new();
     let model = Gpt::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
     let weights = randomize(&vm);
@@ -133,14 +105,7 @@ fn policy_onnx_matches_candle() {
     let ids = vec![vec![3u32, 17, 42, 8, 63], vec![0, 0, 5, 29, 11]];
     let mask = vec![vec![1u32; 5], vec![0, 0, 1, 1, 1]];
     let pos = positions_from_mask(&mask, 0);
-    let (logits, presents) = model
-        .forward(
-            &ids_tensor(&ids),
-            &ids_tensor(&mask),
-            &ids_tensor(&pos),
-            None,
-        )
-        .unwrap();
+    let (logits, presents) = model.forward(&ids_tensor(&ids), &ids_tensor(&mask), &ids_tensor(&pos), None).unwrap();
     assert_nontrivial(&logits);
     let empty = model.empty_past(2, &dev).unwrap();
     let diff_a = run_policy(&mut session, &ids, &mask, &pos, &empty, &logits, &presents);
@@ -149,28 +114,11 @@ fn policy_onnx_matches_candle() {
 
     // (b) one decode step on a past of length 5.
     let ids_b = vec![vec![21u32], vec![7]];
-    let mask_b: Vec<Vec<u32>> = mask
-        .iter()
-        .map(|r| r.iter().copied().chain([1]).collect())
-        .collect();
+    let mask_b: Vec<Vec<u32>> = mask.iter().map(|r| r.iter().copied().chain([1]).collect()).collect();
     let pos_b = positions_from_mask(&mask_b, 5);
-    let (logits_b, presents_b) = model
-        .forward(
-            &ids_tensor(&ids_b),
-            &ids_tensor(&mask_b),
-            &ids_tensor(&pos_b),
-            Some(&presents),
-        )
-        .unwrap();
-    let diff_b = run_policy(
-        &mut session,
-        &ids_b,
-        &mask_b,
-        &pos_b,
-        &presents,
-        &logits_b,
-        &presents_b,
-    );
+    let (logits_b, presents_b) =
+        model.forward(&ids_tensor(&ids_b), &ids_tensor(&mask_b), &ids_tensor(&pos_b), Some(&presents)).unwrap();
+    let diff_b = run_policy(&mut session, &ids_b, &mask_b, &pos_b, &presents, &logits_b, &presents_b);
     println!("policy decode-step max diff {diff_b:e}");
     assert!(diff_b < TOL, "decode diff {diff_b}");
 }
@@ -178,14 +126,7 @@ fn policy_onnx_matches_candle() {
 #[test]
 fn judge_onnx_matches_candle() {
     let dev = Device::Cpu;
-    let cfg = JudgeConfig {
-        vocab_size: 64,
-        d_model: 32,
-        n_head: 4,
-        n_layer: 2,
-        d_ff: 64,
-        max_positions: 64,
-    };
+    let cfg = JudgeConfig { vocab_size: 64, d_model: 32, n_head: 4, n_layer: 2, d_ff: 64, max_positions: 64 };
     let vm = VarMap::new();
     let judge = Judge::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
     let weights = randomize(&vm);
@@ -202,9 +143,7 @@ fn judge_onnx_matches_candle() {
     let b = vec![vec![20u32, 21], vec![0, 0]];
     let bm = vec![vec![1u32, 1], vec![0, 0]];
     let t = ids_tensor;
-    let want = judge
-        .forward(&t(&d), &t(&dm), &t(&a), &t(&am), &t(&b), &t(&bm))
-        .unwrap();
+    let want = judge.forward(&t(&d), &t(&dm), &t(&a), &t(&am), &t(&b), &t(&bm)).unwrap();
     assert_nontrivial(&want);
     let inputs: Vec<(&str, SessionInputValue)> = vec![
         ("description_ids", ort_i64(&d)),
@@ -214,9 +153,7 @@ fn judge_onnx_matches_candle() {
         ("b_ids", ort_i64(&b)),
         ("b_mask", ort_i64(&bm)),
     ];
-    let out = session
-        .run(inputs)
-        .unwrap_or_else(|e| panic!("onnx run: {e}"));
+    let out = session.run(inputs).unwrap_or_else(|e| panic!("onnx run: {e}"));
     let diff = max_diff(&out, "logits", &want);
     println!("judge max diff {diff:e}");
     assert!(diff < TOL, "judge diff {diff}");
@@ -224,10 +161,7 @@ fn judge_onnx_matches_candle() {
 
 #[test]
 fn missing_model_is_an_error_naming_it() {
-    let err =
-        runtime::session_from_file(std::path::Path::new("/no/such/model.onnx"), &OrtDevice::Cpu)
-            .err()
-            .unwrap();
+    let err = runtime::session_from_file(std::path::Path::new("/no/such/model.onnx"), &OrtDevice::Cpu).err().unwrap();
     assert!(err.to_string().contains("/no/such/model.onnx"), "{err}");
 }
 
@@ -239,14 +173,7 @@ fn cuda_on_a_cpu_library_is_an_error() {
     if ort::ep::CUDA::is_available().unwrap() {
         return; // a CUDA build: nothing to check here
     }
-    let cfg = GptConfig {
-        vocab_size: 8,
-        n_layer: 1,
-        n_head: 1,
-        d_model: 4,
-        d_ff: 8,
-        max_positions: 8,
-    };
+    let cfg = GptConfig { vocab_size: 8, n_layer: 1, n_head: 1, d_model: 4, d_ff: 8, max_positions: 8 };
     let vm = VarMap::new();
     Gpt::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
     let weights = randomize(&vm);

@@ -17,12 +17,7 @@ use std::time::Instant;
 )]
 struct Cli {
     /// Run directory holding data, checkpoints, curves and reports.
-    #[arg(
-        long,
-        env = "PREFSTREAM_RUN",
-        default_value = "runs/default",
-        global = true
-    )]
+    #[arg(long, env = "PREFSTREAM_RUN", default_value = "runs/default", global = true)]
     run: PathBuf,
     /// Seed for everything (data, initialisation, sampling).
     #[arg(long, env = "PREFSTREAM_SEED", default_value_t = 7, global = true)]
@@ -96,9 +91,7 @@ const SETTINGS: [Setting; 3] = [Setting::Base4, Setting::Base8, Setting::Stream4
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -124,10 +117,9 @@ fn main() -> Result<()> {
             run.judge_step(preset()?.judge_steps)?;
         }
         Cmd::Sft => run.sft_step(&preset()?)?,
-        Cmd::Export { out } => run.export_step(
-            &out.clone().unwrap_or_else(|| run_dir(&cli.run, "package")),
-            &preset()?,
-        )?,
+        Cmd::Export { out } => {
+            run.export_step(&out.clone().unwrap_or_else(|| run_dir(&cli.run, "package")), &preset()?)?
+        }
         Cmd::Eval => println!("{}", markdown(&run.eval_step(&preset()?, &SETTINGS)?)),
         Cmd::All { synth, install } => {
             let p = preset()?;
@@ -142,12 +134,7 @@ fn main() -> Result<()> {
             println!("{}", markdown(&rows));
             if let Some(dest) = install {
                 std::fs::create_dir_all(dest)?;
-                for f in [
-                    "model.onnx",
-                    "judge.onnx",
-                    "tokenizer.json",
-                    "manifest.json",
-                ] {
+                for f in ["model.onnx", "judge.onnx", "tokenizer.json", "manifest.json"] {
                     std::fs::copy(package.join(f), dest.join(f))?;
                 }
                 tracing::info!(dest = %dest.display(), "package installed");

@@ -33,8 +33,7 @@ pub fn import(path: &Path, cfg_seed: u64, test_frac: f64) -> Result<World> {
     if !(0.0..=1.0).contains(&test_frac) {
         bail!("test fraction {test_frac} is outside [0, 1]");
     }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let records = split_records(path, &text)?;
 
     let n = records.len();
@@ -47,11 +46,7 @@ pub fn import(path: &Path, cfg_seed: u64, test_frac: f64) -> Result<World> {
         is_test[i] = true;
     }
 
-    let mut world = World {
-        users: Vec::with_capacity(n),
-        events: Vec::new(),
-        annotations: Vec::new(),
-    };
+    let mut world = World { users: Vec::with_capacity(n), events: Vec::new(), annotations: Vec::new() };
     let mut skipped = Skipped::default();
     for (i, (where_, record)) in records.iter().enumerate() {
         import_record(i, record, is_test[i], &mut rng, &mut world, &mut skipped)
@@ -71,27 +66,17 @@ pub fn import(path: &Path, cfg_seed: u64, test_frac: f64) -> Result<World> {
 /// Splits the file into records, each with a location for error messages.
 fn split_records(path: &Path, text: &str) -> Result<Vec<(String, Value)>> {
     if text.trim_start().starts_with('[') {
-        let all: Vec<Value> = serde_json::from_str(text)
-            .with_context(|| format!("{}: not a JSON array of records", path.display()))?;
-        return Ok(all
-            .into_iter()
-            .enumerate()
-            .map(|(i, v)| (format!("record {i}"), v))
-            .collect());
+        let all: Vec<Value> =
+            serde_json::from_str(text).with_context(|| format!("{}: not a JSON array of records", path.display()))?;
+        return Ok(all.into_iter().enumerate().map(|(i, v)| (format!("record {i}"), v)).collect());
     }
     let mut out = Vec::new();
     for (n, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let v: Value = serde_json::from_str(line).with_context(|| {
-            format!(
-                "{}: line {} (record {}): not JSON",
-                path.display(),
-                n + 1,
-                out.len()
-            )
-        })?;
+        let v: Value = serde_json::from_str(line)
+            .with_context(|| format!("{}: line {} (record {}): not JSON", path.display(), n + 1, out.len()))?;
         out.push((format!("line {} (record {})", n + 1, out.len()), v));
     }
     Ok(out)
@@ -141,9 +126,7 @@ fn history_item(item: &Value, skipped: &mut Skipped) -> Option<Value> {
 }
 
 fn usable(texts: &[&str], skipped: &mut Skipped) -> bool {
-    let ok = texts
-        .iter()
-        .all(|t| !t.trim().is_empty() && t.chars().count() <= MAX_TEXT_CHARS);
+    let ok = texts.iter().all(|t| !t.trim().is_empty() && t.chars().count() <= MAX_TEXT_CHARS);
     if !ok {
         skipped.empty_or_long += 1;
     }
@@ -179,8 +162,7 @@ fn import_record(
         let Some(item) = history_item(item, skipped) else {
             continue;
         };
-        let field =
-            |name: &str| str_field(&item, name).with_context(|| format!("`{PAIRS_FIELD}`[{j}]"));
+        let field = |name: &str| str_field(&item, name).with_context(|| format!("`{PAIRS_FIELD}`[{j}]"));
         let (post, chosen, rejected) = (field("prompt")?, field("chosen")?, field("rejected")?);
         if usable(&[post, chosen, rejected], skipped) {
             bodies.push(EventBody::Comparison {
@@ -196,9 +178,7 @@ fn import_record(
             continue;
         };
         match item.get("comment").and_then(Value::as_str) {
-            Some(text) if usable(&[text], skipped) => bodies.push(EventBody::Ugc {
-                text: text.to_string(),
-            }),
+            Some(text) if usable(&[text], skipped) => bodies.push(EventBody::Ugc { text: text.to_string() }),
             Some(_) => {}
             None => skipped.unparseable += 1,
         }
@@ -253,8 +233,7 @@ fn parse_direction(v: &Value) -> Result<Vec<Pref>> {
                 Value::String(s) => s.trim().parse::<f64>().ok(),
                 _ => None,
             };
-            f.filter(|f| f.is_finite())
-                .ok_or_else(|| anyhow!("value {i} ({x}) is not a number"))
+            f.filter(|f| f.is_finite()).ok_or_else(|| anyhow!("value {i} ({x}) is not a number"))
         })
         .collect::<Result<Vec<f64>>>()?;
     let alignx = values.iter().any(|&f| f > 0.0 && f < 1.0) && values.iter().all(|&f| f >= 0.0);
@@ -263,10 +242,7 @@ fn parse_direction(v: &Value) -> Result<Vec<Pref>> {
         .iter()
         .enumerate()
         .filter(|(_, &f)| f != centre)
-        .map(|(dim, &f)| Pref {
-            dim,
-            dir: if f > centre { 1 } else { -1 },
-        })
+        .map(|(dim, &f)| Pref { dim, dir: if f > centre { 1 } else { -1 } })
         .collect())
 }
 
@@ -318,10 +294,7 @@ mod tests {
             assert_eq!(w.users.iter().filter(|u| u.split == Split::Test).count(), 2);
             let u = &w.users[1];
             assert_eq!(u.user_id, "alignx-1");
-            assert_eq!(
-                u.prefs,
-                vec![Pref { dim: 16, dir: 1 }, Pref { dim: 47, dir: -1 }]
-            );
+            assert_eq!(u.prefs, vec![Pref { dim: 16, dir: 1 }, Pref { dim: 47, dir: -1 }]);
             assert!(u.golden.contains("concise answers") && u.golden.contains("no science talk"));
             assert_eq!(u.test_pairs.len(), 1);
             assert_eq!(u.test_pairs[0].post, "post 1");
@@ -342,10 +315,7 @@ mod tests {
         r["Preference Direction"] = direction(&[(3, json!("-1")), (5, json!("1"))], json!("0"));
         let f = write(&Value::Array(vec![r.clone()]).to_string());
         let w = import(f.path(), 1, 0.0).unwrap();
-        assert_eq!(
-            w.users[0].prefs,
-            vec![Pref { dim: 3, dir: -1 }, Pref { dim: 5, dir: 1 }]
-        );
+        assert_eq!(w.users[0].prefs, vec![Pref { dim: 3, dir: -1 }, Pref { dim: 5, dir: 1 }]);
         assert_eq!(w.users[0].split, Split::Train);
 
         r["Preference Direction"] = direction(&[], json!(0.5));
@@ -366,10 +336,7 @@ mod tests {
         assert!(err.contains("`chosen`"), "{err}");
 
         let mut bad = record(0);
-        bad["Pair-wise Comparative Feedback"][0]
-            .as_object_mut()
-            .unwrap()
-            .remove("rejected");
+        bad["Pair-wise Comparative Feedback"][0].as_object_mut().unwrap().remove("rejected");
         let f = write(&format!("{}\n{}\n", record(0), bad));
         let err = format!("{:#}", import(f.path(), 1, 0.1).err().unwrap());
         assert!(err.contains("line 2 (record 1)"), "{err}");
@@ -383,10 +350,7 @@ mod tests {
         bad["Preference Direction"] = json!([1, 0]);
         let f = write(&Value::Array(vec![bad]).to_string());
         let err = format!("{:#}", import(f.path(), 1, 0.1).err().unwrap());
-        assert!(
-            err.contains("Preference Direction") && err.contains("expected 90"),
-            "{err}"
-        );
+        assert!(err.contains("Preference Direction") && err.contains("expected 90"), "{err}");
 
         assert!(import(f.path(), 1, 1.5).is_err());
     }

@@ -36,12 +36,7 @@ fn pad(seqs: &[Vec<u32>], pad_id: u32, left: bool) -> Batch {
             mask.extend(std::iter::repeat_n(0, n));
         }
     }
-    Batch {
-        ids,
-        mask,
-        rows: seqs.len(),
-        len,
-    }
+    Batch { ids, mask, rows: seqs.len(), len }
 }
 
 pub fn pad_right(seqs: &[Vec<u32>], pad_id: u32) -> Batch {
@@ -59,10 +54,7 @@ mod tests {
     #[test]
     fn pads_both_ways() {
         let b = pad_right(&[vec![5, 6], vec![7]], 0);
-        assert_eq!(
-            (b.ids, b.mask, b.len),
-            (vec![5, 6, 7, 0], vec![1, 1, 1, 0], 2)
-        );
+        assert_eq!((b.ids, b.mask, b.len), (vec![5, 6, 7, 0], vec![1, 1, 1, 0], 2));
         let b = pad_left(&[vec![5, 6], vec![7]], 0);
         assert_eq!((b.ids, b.mask), (vec![5, 6, 0, 7], vec![1, 1, 0, 1]));
     }

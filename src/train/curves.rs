@@ -15,17 +15,12 @@ pub struct Curves {
 fn font_ready() -> bool {
     static READY: OnceLock<bool> = OnceLock::new();
     *READY.get_or_init(|| {
-        let candidates = [
-            "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-            "/usr/share/fonts/TTF/DejaVuSans.ttf",
-        ];
+        let candidates = ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/TTF/DejaVuSans.ttf"];
         candidates.iter().any(|p| match std::fs::read(p) {
-            Ok(bytes) => plotters::style::register_font(
-                "sans-serif",
-                FontStyle::Normal,
-                Box::leak(bytes.into_boxed_slice()),
-            )
-            .is_ok(),
+            Ok(bytes) => {
+                plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(bytes.into_boxed_slice()))
+                    .is_ok()
+            }
             Err(_) => false,
         })
     })
@@ -33,10 +28,7 @@ fn font_ready() -> bool {
 
 impl Curves {
     pub fn new(names: &[&'static str]) -> Self {
-        Self {
-            names: names.to_vec(),
-            rows: Vec::new(),
-        }
+        Self { names: names.to_vec(), rows: Vec::new() }
     }
 
     pub fn push(&mut self, step: usize, values: Vec<f64>) {
@@ -54,8 +46,7 @@ impl Curves {
         }
         f.flush()?;
         let png = dir.join(format!("{stem}.png"));
-        self.plot(&png, stem)
-            .map_err(|e| anyhow::anyhow!("plotting {}: {e}", png.display()))?;
+        self.plot(&png, stem).map_err(|e| anyhow::anyhow!("plotting {}: {e}", png.display()))?;
         Ok(vec![csv, png])
     }
 
@@ -67,15 +58,8 @@ impl Curves {
         let areas = root.split_evenly((n as usize, 1));
         let max_step = self.rows.last().map(|r| r.0).unwrap_or(1).max(1) as f64;
         for (k, area) in areas.iter().enumerate() {
-            let ys: Vec<f64> = self
-                .rows
-                .iter()
-                .map(|r| r.1[k])
-                .filter(|y| y.is_finite())
-                .collect();
-            let (lo, hi) = ys
-                .iter()
-                .fold((f64::MAX, f64::MIN), |(a, b), &y| (a.min(y), b.max(y)));
+            let ys: Vec<f64> = self.rows.iter().map(|r| r.1[k]).filter(|y| y.is_finite()).collect();
+            let (lo, hi) = ys.iter().fold((f64::MAX, f64::MIN), |(a, b), &y| (a.min(y), b.max(y)));
             let (lo, hi) = if ys.is_empty() {
                 (0.0, 1.0)
             } else if hi - lo < 1e-9 {
@@ -84,26 +68,18 @@ impl Curves {
                 (lo, hi)
             };
             let mut b = ChartBuilder::on(area);
-            b.margin(12)
-                .x_label_area_size(if text { 30 } else { 0 })
-                .y_label_area_size(if text { 50 } else { 0 });
+            b.margin(12).x_label_area_size(if text { 30 } else { 0 }).y_label_area_size(if text { 50 } else { 0 });
             if text {
                 b.caption(format!("{title}: {}", self.names[k]), ("sans-serif", 18));
             }
             let mut chart = b.build_cartesian_2d(0f64..max_step, lo..hi)?;
             let mut mesh = chart.configure_mesh();
             if !text {
-                mesh.disable_x_mesh()
-                    .disable_y_mesh()
-                    .x_labels(0)
-                    .y_labels(0);
+                mesh.disable_x_mesh().disable_y_mesh().x_labels(0).y_labels(0);
             }
             mesh.draw()?;
             chart.draw_series(LineSeries::new(
-                self.rows
-                    .iter()
-                    .map(|r| (r.0 as f64, r.1[k]))
-                    .filter(|p| p.1.is_finite()),
+                self.rows.iter().map(|r| (r.0 as f64, r.1[k])).filter(|p| p.1.is_finite()),
                 &BLUE,
             ))?;
         }

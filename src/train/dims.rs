@@ -111,11 +111,7 @@ static DIMS: [Dim; 90] = [
         6,
         "Conscientiousness",
         "careful diligence",
-        [
-            "a detailed checklist",
-            "steady hard work",
-            "every deadline met"
-        ],
+        ["a detailed checklist", "steady hard work", "every deadline met"],
         "easygoing spontaneity",
         ["winging it", "a casual approach", "last minute fixes"]
     ),
@@ -173,11 +169,7 @@ static DIMS: [Dim; 90] = [
         "eco safety",
         ["green choices", "clean air", "less pollution"],
         "eco indifference",
-        [
-            "ignoring emissions",
-            "disposable stuff",
-            "plastic convenience"
-        ]
+        ["ignoring emissions", "disposable stuff", "plastic convenience"]
     ),
     dim!(
         14,
@@ -201,21 +193,13 @@ static DIMS: [Dim; 90] = [
         "concise answers",
         ["a short reply", "the quick version", "brief points"],
         "detailed answers",
-        [
-            "a long explanation",
-            "every little detail",
-            "the full breakdown"
-        ]
+        ["a long explanation", "every little detail", "the full breakdown"]
     ),
     dim!(
         17,
         "Work environment",
         "team offices",
-        [
-            "a shared workspace",
-            "open office life",
-            "working with a team"
-        ],
+        ["a shared workspace", "open office life", "working with a team"],
         "remote work",
         ["working from home", "a home office", "solo remote days"]
     ),
@@ -231,11 +215,7 @@ static DIMS: [Dim; 90] = [
         19,
         "Need for personal achievement",
         "ambitious goals",
-        [
-            "a big promotion",
-            "winning first place",
-            "hitting milestones"
-        ],
+        ["a big promotion", "winning first place", "hitting milestones"],
         "relaxed ambitions",
         ["good enough results", "no pressure goals", "a slow pace"]
     ),
@@ -253,11 +233,7 @@ static DIMS: [Dim; 90] = [
         "hands-on learning",
         ["learning by doing", "practice projects", "trial and error"],
         "theory first",
-        [
-            "reading the manual",
-            "lectures and notes",
-            "concepts before practice"
-        ]
+        ["reading the manual", "lectures and notes", "concepts before practice"]
     ),
     dim!(
         22,
@@ -297,11 +273,7 @@ static DIMS: [Dim; 90] = [
         "avoiding embarrassment",
         ["saving face", "no awkward moments", "playing it safe"],
         "unafraid of failure",
-        [
-            "failing in public",
-            "awkward first tries",
-            "embracing mistakes"
-        ]
+        ["failing in public", "awkward first tries", "embracing mistakes"]
     ),
     dim!(
         27,
@@ -339,11 +311,7 @@ static DIMS: [Dim; 90] = [
         31,
         "Autonomy",
         "full independence",
-        [
-            "doing it my way",
-            "relying on myself",
-            "no one's permission"
-        ],
+        ["doing it my way", "relying on myself", "no one's permission"],
         "group guidance",
         ["asking for help", "shared decisions", "a team vote"]
     ),
@@ -351,11 +319,7 @@ static DIMS: [Dim; 90] = [
         32,
         "Contrariance",
         "contrarian views",
-        [
-            "an unpopular opinion",
-            "going against the crowd",
-            "the opposite take"
-        ],
+        ["an unpopular opinion", "going against the crowd", "the opposite take"],
         "mainstream views",
         ["the popular choice", "common wisdom", "what most people do"]
     ),
@@ -389,11 +353,7 @@ static DIMS: [Dim; 90] = [
         "picky choices",
         ["high standards", "cutting people off", "selective company"],
         "open acceptance",
-        [
-            "welcoming everyone",
-            "giving second chances",
-            "an open heart"
-        ]
+        ["welcoming everyone", "giving second chances", "an open heart"]
     ),
     dim!(
         37,
@@ -407,11 +367,7 @@ static DIMS: [Dim; 90] = [
         38,
         "Succorance",
         "seeking support",
-        [
-            "a comforting shoulder",
-            "asking for comfort",
-            "someone to lean on"
-        ],
+        ["a comforting shoulder", "asking for comfort", "someone to lean on"],
         "handling it alone",
         ["toughing it out", "no help needed", "solving it solo"]
     ),
@@ -435,11 +391,7 @@ static DIMS: [Dim; 90] = [
         41,
         "Concern for instruction-following",
         "exact instructions",
-        [
-            "just what was asked",
-            "the exact format",
-            "following every rule"
-        ],
+        ["just what was asked", "the exact format", "following every rule"],
         "loose interpretation",
         ["a free spin", "bending the request", "creative liberties"]
     ),
@@ -519,13 +471,7 @@ static DIMS: [Dim; 90] = [
         ["tv shows", "variety specials", "streaming series"],
         "showbiz"
     ),
-    topic!(
-        52,
-        "Interest in gaming",
-        "video games",
-        ["a new console", "gaming sessions", "online matches"],
-        "gaming"
-    ),
+    topic!(52, "Interest in gaming", "video games", ["a new console", "gaming sessions", "online matches"], "gaming"),
     topic!(
         53,
         "Interest in parenting",
@@ -540,20 +486,8 @@ static DIMS: [Dim; 90] = [
         ["dragons and magic", "far future worlds", "dream scenarios"],
         "fantasy"
     ),
-    topic!(
-        55,
-        "Interest in anime",
-        "anime series",
-        ["manga art", "anime heroes", "japanese cartoons"],
-        "anime"
-    ),
-    topic!(
-        56,
-        "Interest in sports",
-        "sports talk",
-        ["the big game", "team scores", "match highlights"],
-        "sports"
-    ),
+    topic!(55, "Interest in anime", "anime series", ["manga art", "anime heroes", "japanese cartoons"], "anime"),
+    topic!(56, "Interest in sports", "sports talk", ["the big game", "team scores", "match highlights"], "sports"),
     topic!(
         57,
         "Interest in law",
@@ -569,28 +503,9 @@ static DIMS: [Dim; 90] = [
         ["office politics", "career moves", "job interviews"],
         "office"
     ),
-    topic!(
-        59,
-        "Interest in pets",
-        "pet care",
-        ["a cute puppy", "cat videos", "pet tricks"],
-        "pet",
-        "pets"
-    ),
-    topic!(
-        60,
-        "Interest in travel",
-        "travel plans",
-        ["a road trip", "foreign cities", "beach resorts"],
-        "travel"
-    ),
-    topic!(
-        61,
-        "Interest in health",
-        "health tips",
-        ["a doctor's advice", "healthy habits", "vitamin facts"],
-        "health"
-    ),
+    topic!(59, "Interest in pets", "pet care", ["a cute puppy", "cat videos", "pet tricks"], "pet", "pets"),
+    topic!(60, "Interest in travel", "travel plans", ["a road trip", "foreign cities", "beach resorts"], "travel"),
+    topic!(61, "Interest in health", "health tips", ["a doctor's advice", "healthy habits", "vitamin facts"], "health"),
     topic!(
         62,
         "Interest in stories",
@@ -599,14 +514,7 @@ static DIMS: [Dim; 90] = [
         "story",
         "stories"
     ),
-    topic!(
-        63,
-        "Interest in cars",
-        "car culture",
-        ["fast cars", "engine specs", "a new sedan"],
-        "car",
-        "cars"
-    ),
+    topic!(63, "Interest in cars", "car culture", ["fast cars", "engine specs", "a new sedan"], "car", "cars"),
     topic!(
         64,
         "Interest in gourmet food",
@@ -672,28 +580,9 @@ static DIMS: [Dim; 90] = [
         ["sharing feelings", "mood swings", "inner emotions"],
         "feelings"
     ),
-    topic!(
-        73,
-        "Interest in humor",
-        "funny jokes",
-        ["a funny joke", "witty puns", "a good laugh"],
-        "humor"
-    ),
-    topic!(
-        74,
-        "Interest in music",
-        "music talk",
-        ["a new album", "live concerts", "catchy songs"],
-        "music"
-    ),
-    topic!(
-        75,
-        "Interest in reading",
-        "book talk",
-        ["a good novel", "reading lists", "book clubs"],
-        "book",
-        "books"
-    ),
+    topic!(73, "Interest in humor", "funny jokes", ["a funny joke", "witty puns", "a good laugh"], "humor"),
+    topic!(74, "Interest in music", "music talk", ["a new album", "live concerts", "catchy songs"], "music"),
+    topic!(75, "Interest in reading", "book talk", ["a good novel", "reading lists", "book clubs"], "book", "books"),
     topic!(
         76,
         "Interest in painting",
@@ -701,13 +590,7 @@ static DIMS: [Dim; 90] = [
         ["oil paintings", "watercolor art", "brush strokes"],
         "painting"
     ),
-    topic!(
-        77,
-        "Interest in dance",
-        "dance topics",
-        ["ballet moves", "dance classes", "hip hop steps"],
-        "dance"
-    ),
+    topic!(77, "Interest in dance", "dance topics", ["ballet moves", "dance classes", "hip hop steps"], "dance"),
     topic!(
         78,
         "Interest in crafts",
@@ -737,13 +620,7 @@ static DIMS: [Dim; 90] = [
         ["gym workouts", "a morning run", "strength training"],
         "fitness"
     ),
-    topic!(
-        82,
-        "Interest in art",
-        "art topics",
-        ["art museums", "modern art", "famous artists"],
-        "art"
-    ),
+    topic!(82, "Interest in art", "art topics", ["art museums", "modern art", "famous artists"], "art"),
     topic!(
         83,
         "Interest in stationery and planners",
@@ -767,13 +644,7 @@ static DIMS: [Dim; 90] = [
         "outdoor",
         "the outdoors"
     ),
-    topic!(
-        86,
-        "Interest in camping",
-        "camping trips",
-        ["a tent site", "campfire nights", "sleeping bags"],
-        "camping"
-    ),
+    topic!(86, "Interest in camping", "camping trips", ["a tent site", "campfire nights", "sleeping bags"], "camping"),
     topic!(
         87,
         "Interest in social sciences",
@@ -788,13 +659,7 @@ static DIMS: [Dim; 90] = [
         ["bridal gowns", "wedding venues", "a first dance"],
         "wedding"
     ),
-    topic!(
-        89,
-        "Interest in fashion",
-        "fashion trends",
-        ["new outfits", "designer clothes", "street style"],
-        "fashion"
-    ),
+    topic!(89, "Interest in fashion", "fashion trends", ["new outfits", "designer clothes", "street style"], "fashion"),
 ];
 
 /// All 90 dimensions; `dims()[i].index == i`.

@@ -44,10 +44,7 @@ pub struct EvalRow {
 }
 
 /// Held-out users with their first two windows of signals.
-pub fn test_users(
-    world: &World,
-    limit: usize,
-) -> Vec<(&UserRecord, Vec<&EventBody>, Vec<&EventBody>)> {
+pub fn test_users(world: &World, limit: usize) -> Vec<(&UserRecord, Vec<&EventBody>, Vec<&EventBody>)> {
     let windows = user_windows(world);
     world
         .users
@@ -55,13 +52,8 @@ pub fn test_users(
         .filter(|u| u.split == Split::Test)
         .filter_map(|u| {
             let ws = windows.get(u.user_id.as_str())?;
-            (ws.len() >= 2).then(|| {
-                (
-                    u,
-                    ws[0].iter().map(|x| &x.0.body).collect(),
-                    ws[1].iter().map(|x| &x.0.body).collect(),
-                )
-            })
+            (ws.len() >= 2)
+                .then(|| (u, ws[0].iter().map(|x| &x.0.body).collect(), ws[1].iter().map(|x| &x.0.body).collect()))
         })
         .take(limit)
         .collect()
@@ -75,20 +67,12 @@ fn score_descriptions(
     let jobs: Vec<(&str, &[_])> = users
         .iter()
         .zip(descs)
-        .map(|(u, d)| {
-            (
-                d.as_deref().unwrap_or(NOT_PROVIDED),
-                u.0.test_pairs.as_slice(),
-            )
-        })
+        .map(|(u, d)| (d.as_deref().unwrap_or(NOT_PROVIDED), u.0.test_pairs.as_slice()))
         .collect();
     let scores = scorer.many_pair_scores(&jobs)?;
     // A description that failed the format check scores 0 (R = R_jud · R_format).
-    let all: Vec<f32> = scores
-        .iter()
-        .zip(descs)
-        .flat_map(|(s, d)| s.iter().map(move |&x| if d.is_some() { x } else { 0.0 }))
-        .collect();
+    let all: Vec<f32> =
+        scores.iter().zip(descs).flat_map(|(s, d)| s.iter().map(move |&x| if d.is_some() { x } else { 0.0 })).collect();
     Ok((mean(&all), all.len()))
 }
 
@@ -104,18 +88,9 @@ pub fn reference_rows(
         Some(p[start..end].trim().to_string())
     };
     let sets: [(&str, Vec<Option<String>>); 3] = [
-        (
-            "Null",
-            users
-                .iter()
-                .map(|_| Some(NOT_PROVIDED.to_string()))
-                .collect(),
-        ),
+        ("Null", users.iter().map(|_| Some(NOT_PROVIDED.to_string())).collect()),
         ("Raw signals E", users.iter().map(raw).collect()),
-        (
-            "Golden",
-            users.iter().map(|u| Some(u.0.golden.clone())).collect(),
-        ),
+        ("Golden", users.iter().map(|u| Some(u.0.golden.clone())).collect()),
     ];
     sets.into_iter()
         .map(|(name, descs)| {
@@ -157,36 +132,13 @@ pub fn eval_policy(
         Ok(out)
     };
     let descs = match setting {
-        Setting::Base4 => run(
-            users
-                .iter()
-                .map(|u| build_prompt(None, u.1.iter().copied()))
-                .collect(),
-            rng,
-        )?,
-        Setting::Base8 => run(
-            users
-                .iter()
-                .map(|u| build_prompt(None, u.1.iter().chain(&u.2).copied()))
-                .collect(),
-            rng,
-        )?,
+        Setting::Base4 => run(users.iter().map(|u| build_prompt(None, u.1.iter().copied())).collect(), rng)?,
+        Setting::Base8 => {
+            run(users.iter().map(|u| build_prompt(None, u.1.iter().chain(&u.2).copied())).collect(), rng)?
+        }
         Setting::Stream44 => {
-            let first = run(
-                users
-                    .iter()
-                    .map(|u| build_prompt(None, u.1.iter().copied()))
-                    .collect(),
-                rng,
-            )?;
-            run(
-                users
-                    .iter()
-                    .zip(&first)
-                    .map(|(u, d)| build_prompt(d.as_deref(), u.2.iter().copied()))
-                    .collect(),
-                rng,
-            )?
+            let first = run(users.iter().map(|u| build_prompt(None, u.1.iter().copied())).collect(), rng)?;
+            run(users.iter().zip(&first).map(|(u, d)| build_prompt(d.as_deref(), u.2.iter().copied())).collect(), rng)?
         }
     };
     let (acc, pairs) = score_descriptions(scorer, users, &descs)?;
@@ -205,7 +157,9 @@ pub fn eval_policy(
 }
 
 pub fn markdown(rows: &[EvalRow]) -> String {
-    let mut s = String::from("| method | setting | Acc_jud (%) | format ok (%) | users | pairs |\n|---|---|---:|---:|---:|---:|\n");
+    let mut s = String::from(
+        "| method | setting | Acc_jud (%) | format ok (%) | users | pairs |\n|---|---|---:|---:|---:|---:|\n",
+    );
     for r in rows {
         s.push_str(&format!(
             "| {} | {} | {:.2} | {:.1} | {} | {} |\n",

@@ -38,22 +38,12 @@ struct Emitter<'w> {
 
 impl<'w> Emitter<'w> {
     fn new(name: &str, weights: &'w HashMap<String, Tensor>) -> Self {
-        Self {
-            g: GraphBuilder::new(name),
-            weights,
-        }
+        Self { g: GraphBuilder::new(name), weights }
     }
 
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<&'w Tensor> {
-        let t = self
-            .weights
-            .get(name)
-            .with_context(|| format!("missing parameter `{name}`"))?;
-        ensure!(
-            t.dims() == shape,
-            "parameter `{name}` has shape {:?}, expected {shape:?}",
-            t.dims()
-        );
+        let t = self.weights.get(name).with_context(|| format!("missing parameter `{name}`"))?;
+        ensure!(t.dims() == shape, "parameter `{name}` has shape {:?}, expected {shape:?}", t.dims());
         Ok(t)
     }
 
@@ -70,14 +60,7 @@ impl<'w> Emitter<'w> {
     }
 
     /// candle `Linear` keeps `[out, in]` and computes `x·Wᵀ`: store `Wᵀ` for a plain MatMul.
-    fn linear(
-        &mut self,
-        x: &str,
-        prefix: &str,
-        d_in: usize,
-        d_out: usize,
-        bias: bool,
-    ) -> Result<String> {
+    fn linear(&mut self, x: &str, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> Result<String> {
         let w = self.tensor(&format!("{prefix}.weight"), &[d_out, d_in])?;
         let wt = self.store(&format!("{prefix}.weight_t"), &w.t()?.contiguous()?)?;
         let y = self.g.node("MatMul", &[x, &wt], vec![]);
@@ -94,10 +77,7 @@ impl<'w> Emitter<'w> {
         Ok(self.g.node(
             "LayerNormalization",
             &[x, &w, &b],
-            vec![
-                Attribute::int("axis", -1),
-                Attribute::float("epsilon", LN_EPS),
-            ],
+            vec![Attribute::int("axis", -1), Attribute::float("epsilon", LN_EPS)],
         ))
     }
 
@@ -123,14 +103,7 @@ impl<'w> Emitter<'w> {
 
     /// Size of axis `axis` of `x` as a 1-element int64 tensor.
     fn dim(&mut self, x: &str, axis: i64) -> String {
-        self.g.node(
-            "Shape",
-            &[x],
-            vec![
-                Attribute::int("start", axis),
-                Attribute::int("end", axis + 1),
-            ],
-        )
+        self.g.node("Shape", &[x], vec![Attribute::int("start", axis), Attribute::int("end", axis + 1)])
     }
 
     fn scalar(&mut self, one_elem: &str) -> String {
@@ -143,28 +116,17 @@ impl<'w> Emitter<'w> {
     }
 
     fn embed(&mut self, table: &str, ids: &str) -> String {
-        self.g
-            .node("Gather", &[table, ids], vec![Attribute::int("axis", 0)])
+        self.g.node("Gather", &[table, ids], vec![Attribute::int("axis", 0)])
     }
 
     /// Masked mean over axis 1: `Σ_j x_j·m_j / max(Σ_j m_j, 1)`; x `[b,L,d]`, mask int64 `[b,L]`.
     fn masked_mean(&mut self, x: &str, mask: &str) -> String {
-        let m = self
-            .g
-            .node("Cast", &[mask], vec![Attribute::int("to", FLOAT)]);
+        let m = self.g.node("Cast", &[mask], vec![Attribute::int("to", FLOAT)]);
         let m = self.unsqueeze(&m, &[2]);
         let axis1 = self.g.const_i64(&[1]);
         let xm = self.g.node("Mul", &[x, &m], vec![]);
-        let num = self.g.node(
-            "ReduceSum",
-            &[&xm, &axis1],
-            vec![Attribute::int("keepdims", 0)],
-        );
-        let den = self.g.node(
-            "ReduceSum",
-            &[&m, &axis1],
-            vec![Attribute::int("keepdims", 0)],
-        );
+        let num = self.g.node("ReduceSum", &[&xm, &axis1], vec![Attribute::int("keepdims", 0)]);
+        let den = self.g.node("ReduceSum", &[&m, &axis1], vec![Attribute::int("keepdims", 0)]);
         let one = self.g.scalar_f32(1.0);
         let den = self.g.node("Max", &[&den, &one], vec![]);
         self.g.node("Div", &[&num, &den], vec![])
@@ -196,26 +158,16 @@ impl<'w> Emitter<'w> {
         let mut k = split(self, "k")?;
         let mut v = split(self, "v")?;
         if let Some((pk, pv)) = past {
-            k = self
-                .g
-                .node("Concat", &[pk, &k], vec![Attribute::int("axis", 2)]);
-            v = self
-                .g
-                .node("Concat", &[pv, &v], vec![Attribute::int("axis", 2)]);
+            k = self.g.node("Concat", &[pk, &k], vec![Attribute::int("axis", 2)]);
+            v = self.g.node("Concat", &[pv, &v], vec![Attribute::int("axis", 2)]);
         }
-        let kt = self.g.node(
-            "Transpose",
-            &[&k],
-            vec![Attribute::ints("perm", &[0, 1, 3, 2])],
-        );
+        let kt = self.g.node("Transpose", &[&k], vec![Attribute::ints("perm", &[0, 1, 3, 2])]);
         let scores = self.g.node("MatMul", &[&q, &kt], vec![]);
         let scale = self.g.scalar_f32((1.0 / (hd as f64).sqrt()) as f32);
         let scores = self.g.node("Mul", &[&scores, &scale], vec![]);
         let scores = self.g.node("Mul", &[&scores, keep], vec![]);
         let scores = self.g.node("Add", &[&scores, bias], vec![]);
-        let p = self
-            .g
-            .node("Softmax", &[&scores], vec![Attribute::int("axis", -1)]);
+        let p = self.g.node("Softmax", &[&scores], vec![Attribute::int("axis", -1)]);
         let a = self.g.node("MatMul", &[&p, &v], vec![]);
         let a = self.g.node("Transpose", &[&a], to_heads);
         let a = self.g.node("Reshape", &[&a, &model_shape], vec![]);
@@ -232,20 +184,9 @@ impl<'w> Emitter<'w> {
 }
 
 /// Writes the policy as an Optimum-convention decoder with KV cache.
-pub fn export_policy(
-    cfg: &GptConfig,
-    weights: &HashMap<String, Tensor>,
-    path: &Path,
-) -> Result<()> {
-    ensure!(
-        cfg.n_head > 0 && cfg.d_model.is_multiple_of(cfg.n_head),
-        "d_model must be a multiple of n_head"
-    );
-    let bd = BlockDims {
-        d_model: cfg.d_model,
-        n_head: cfg.n_head,
-        d_ff: cfg.d_ff,
-    };
+pub fn export_policy(cfg: &GptConfig, weights: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    ensure!(cfg.n_head > 0 && cfg.d_model.is_multiple_of(cfg.n_head), "d_model must be a multiple of n_head");
+    let bd = BlockDims { d_model: cfg.d_model, n_head: cfg.n_head, d_ff: cfg.d_ff };
     let (h, hd) = (Dim::from(cfg.n_head), Dim::from(cfg.head_dim()));
     let (batch, seq, total, past) = (
         Dim::from("batch_size"),
@@ -255,35 +196,15 @@ pub fn export_policy(
     );
     let mut e = Emitter::new("prefstream_policy", weights);
 
-    let ids = e.g.input(
-        "input_ids",
-        DataType::Int64,
-        vec![batch.clone(), seq.clone()],
-    );
-    let mask = e.g.input(
-        "attention_mask",
-        DataType::Int64,
-        vec![batch.clone(), total.clone()],
-    );
-    let pos = e.g.input(
-        "position_ids",
-        DataType::Int64,
-        vec![batch.clone(), seq.clone()],
-    );
+    let ids = e.g.input("input_ids", DataType::Int64, vec![batch.clone(), seq.clone()]);
+    let mask = e.g.input("attention_mask", DataType::Int64, vec![batch.clone(), total.clone()]);
+    let pos = e.g.input("position_ids", DataType::Int64, vec![batch.clone(), seq.clone()]);
     let past_shape = vec![batch.clone(), h.clone(), past, hd.clone()];
     let pasts: Vec<(String, String)> = (0..cfg.n_layer)
         .map(|i| {
             (
-                e.g.input(
-                    &format!("past_key_values.{i}.key"),
-                    DataType::Float,
-                    past_shape.clone(),
-                ),
-                e.g.input(
-                    &format!("past_key_values.{i}.value"),
-                    DataType::Float,
-                    past_shape.clone(),
-                ),
+                e.g.input(&format!("past_key_values.{i}.key"), DataType::Float, past_shape.clone()),
+                e.g.input(&format!("past_key_values.{i}.value"), DataType::Float, past_shape.clone()),
             )
         })
         .collect();
@@ -300,10 +221,8 @@ pub fn export_policy(
     let rows = e.unsqueeze(&rows, &[1]);
     let cols = e.g.node("Range", &[&zero, &t0, &one], vec![]);
     let causal = e.g.node("LessOrEqual", &[&cols, &rows], vec![]);
-    let causal =
-        e.g.node("Cast", &[&causal], vec![Attribute::int("to", FLOAT)]);
-    let pad =
-        e.g.node("Cast", &[&mask], vec![Attribute::int("to", FLOAT)]);
+    let causal = e.g.node("Cast", &[&causal], vec![Attribute::int("to", FLOAT)]);
+    let pad = e.g.node("Cast", &[&mask], vec![Attribute::int("to", FLOAT)]);
     let pad = e.unsqueeze(&pad, &[1, 2]);
     let keep = e.g.node("Mul", &[&causal, &pad], vec![]);
     let bias = e.mask_bias(&keep);
@@ -327,52 +246,28 @@ pub fn export_policy(
     let x = e.layer_norm(&x, "ln_f", cfg.d_model)?;
     let logits = e.linear(&x, "lm_head", cfg.d_model, cfg.vocab_size, false)?;
     e.g.node_to("Identity", &[&logits], "logits", vec![]);
-    e.g.output(
-        "logits",
-        DataType::Float,
-        vec![batch, seq, Dim::from(cfg.vocab_size)],
-    );
+    e.g.output("logits", DataType::Float, vec![batch, seq, Dim::from(cfg.vocab_size)]);
 
     write(e, path)
 }
 
 /// Writes the judge: description encoder + bilinear score against each response's mean embedding.
-pub fn export_judge(
-    cfg: &JudgeConfig,
-    weights: &HashMap<String, Tensor>,
-    path: &Path,
-) -> Result<()> {
-    ensure!(
-        cfg.n_head > 0 && cfg.d_model.is_multiple_of(cfg.n_head),
-        "d_model must be a multiple of n_head"
-    );
-    let bd = BlockDims {
-        d_model: cfg.d_model,
-        n_head: cfg.n_head,
-        d_ff: cfg.d_ff,
-    };
+pub fn export_judge(cfg: &JudgeConfig, weights: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    ensure!(cfg.n_head > 0 && cfg.d_model.is_multiple_of(cfg.n_head), "d_model must be a multiple of n_head");
+    let bd = BlockDims { d_model: cfg.d_model, n_head: cfg.n_head, d_ff: cfg.d_ff };
     let d = cfg.d_model;
     let batch = Dim::from("batch");
     let mut e = Emitter::new("prefstream_judge", weights);
     let pair = |e: &mut Emitter, ids: &str, mask: &str, len: &str| {
         let shape = vec![batch.clone(), Dim::from(len)];
-        (
-            e.g.input(ids, DataType::Int64, shape.clone()),
-            e.g.input(mask, DataType::Int64, shape),
-        )
+        (e.g.input(ids, DataType::Int64, shape.clone()), e.g.input(mask, DataType::Int64, shape))
     };
-    let (desc_ids, desc_mask) = pair(
-        &mut e,
-        "description_ids",
-        "description_mask",
-        "description_length",
-    );
+    let (desc_ids, desc_mask) = pair(&mut e, "description_ids", "description_mask", "description_length");
     let (a_ids, a_mask) = pair(&mut e, "a_ids", "a_mask", "a_length");
     let (b_ids, b_mask) = pair(&mut e, "b_ids", "b_mask", "b_length");
 
     // Bidirectional attention: keep[b,1,1,L] is the description mask alone.
-    let keep =
-        e.g.node("Cast", &[&desc_mask], vec![Attribute::int("to", FLOAT)]);
+    let keep = e.g.node("Cast", &[&desc_mask], vec![Attribute::int("to", FLOAT)]);
     let keep = e.unsqueeze(&keep, &[1, 2]);
     let bias = e.mask_bias(&keep);
 
@@ -387,9 +282,7 @@ pub fn export_judge(
     let posv = e.embed(&wpe, &pos);
     let mut x = e.g.node("Add", &[&tok, &posv], vec![]);
     for i in 0..cfg.n_layer {
-        x = e
-            .block(&x, &format!("desc.h.{i}"), bd, &keep, &bias, None)?
-            .0;
+        x = e.block(&x, &format!("desc.h.{i}"), bd, &keep, &bias, None)?.0;
     }
     let x = e.layer_norm(&x, "desc.ln_f", d)?;
     let u = e.masked_mean(&x, &desc_mask);
@@ -402,25 +295,14 @@ pub fn export_judge(
         let emb = e.embed(&resp, ids);
         let v = e.masked_mean(&emb, mask);
         let prod = e.g.node("Mul", &[&uw, &v], vec![]);
-        scores.push(e.g.node(
-            "ReduceSum",
-            &[&prod, &axis1],
-            vec![Attribute::int("keepdims", 1)],
-        ));
+        scores.push(e.g.node("ReduceSum", &[&prod, &axis1], vec![Attribute::int("keepdims", 1)]));
     }
-    e.g.node_to(
-        "Concat",
-        &[&scores[0], &scores[1]],
-        "logits",
-        vec![Attribute::int("axis", 1)],
-    );
+    e.g.node_to("Concat", &[&scores[0], &scores[1]], "logits", vec![Attribute::int("axis", 1)]);
     e.g.output("logits", DataType::Float, vec![batch, Dim::from(2usize)]);
 
     write(e, path)
 }
 
 fn write(e: Emitter, path: &Path) -> Result<()> {
-    e.g.finish()
-        .write(path)
-        .with_context(|| format!("writing {}", path.display()))
+    e.g.finish().write(path).with_context(|| format!("writing {}", path.display()))
 }

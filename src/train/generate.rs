@@ -31,13 +31,8 @@ pub fn generate(
     let batch = pad_left(prompts, tok.pad);
     let mut mask_rows: Vec<Vec<u32>> = batch.mask.chunks(batch.len).map(<[u32]>::to_vec).collect();
     let pos = positions_from_mask(&mask_rows, 0);
-    let mut out: Vec<Generation> = (0..n)
-        .map(|_| Generation {
-            tokens: vec![],
-            logprobs: vec![],
-            text: String::new(),
-        })
-        .collect();
+    let mut out: Vec<Generation> =
+        (0..n).map(|_| Generation { tokens: vec![], logprobs: vec![], text: String::new() }).collect();
     if batch.len >= model.cfg.max_positions {
         return Ok(out);
     }
@@ -56,11 +51,7 @@ pub fn generate(
         let rows: Vec<Vec<f32>> = last.to_vec2()?;
         let mut step = Vec::with_capacity(n);
         for (i, row) in rows.iter().enumerate() {
-            let t = if done[i] {
-                tok.pad
-            } else {
-                sample(row, params, rng)
-            };
+            let t = if done[i] { tok.pad } else { sample(row, params, rng) };
             if !done[i] {
                 out[i].tokens.push(t);
                 out[i].logprobs.push(log_prob(row, t));
@@ -92,16 +83,9 @@ pub fn generate(
 /// Sum of log-probabilities of `response` after `prompt` under `model`, per token, with the
 /// graph kept for backprop (GRPO). Rows are right-padded; returns `[b, max_resp]` log-probs and
 /// the 0/1 response mask.
-pub fn response_logprobs(
-    model: &Gpt,
-    seqs: &[(Vec<u32>, Vec<u32>)],
-    pad: u32,
-) -> Result<(Tensor, Tensor)> {
+pub fn response_logprobs(model: &Gpt, seqs: &[(Vec<u32>, Vec<u32>)], pad: u32) -> Result<(Tensor, Tensor)> {
     let dev = Device::Cpu;
-    let full: Vec<Vec<u32>> = seqs
-        .iter()
-        .map(|(p, r)| p.iter().chain(r).copied().collect())
-        .collect();
+    let full: Vec<Vec<u32>> = seqs.iter().map(|(p, r)| p.iter().chain(r).copied().collect()).collect();
     let batch = super::batch::pad_right(&full, pad);
     let (ids, mask) = batch.tensors(&dev)?;
     let pos = Tensor::arange(0u32, batch.len as u32, &dev)?
@@ -116,11 +100,7 @@ pub fn response_logprobs(
     let mut rmask = Vec::new();
     for (b, (p, r)) in seqs.iter().enumerate() {
         for j in 0..max_r {
-            let (src, t, m) = if j < r.len() {
-                (p.len() + j - 1, r[j], 1f32)
-            } else {
-                (0, pad, 0f32)
-            };
+            let (src, t, m) = if j < r.len() { (p.len() + j - 1, r[j], 1f32) } else { (0, pad, 0f32) };
             idx.push((b * batch.len + src) as u32);
             tgt.push(t);
             rmask.push(m);
@@ -129,11 +109,6 @@ pub fn response_logprobs(
     let v = logp.dim(D::Minus1)?;
     let flat = logp.reshape((batch.rows * batch.len, v))?;
     let rows = flat.index_select(&Tensor::new(idx, &dev)?, 0)?;
-    let picked = rows
-        .gather(&Tensor::new(tgt, &dev)?.unsqueeze(1)?, 1)?
-        .squeeze(1)?;
-    Ok((
-        picked.reshape((seqs.len(), max_r))?,
-        Tensor::from_vec(rmask, (seqs.len(), max_r), &dev)?,
-    ))
+    let picked = rows.gather(&Tensor::new(tgt, &dev)?.unsqueeze(1)?, 1)?.squeeze(1)?;
+    Ok((picked.reshape((seqs.len(), max_r))?, Tensor::from_vec(rmask, (seqs.len(), max_r), &dev)?))
 }

@@ -6,7 +6,7 @@
 
 use super::batch::{pad_right, Batch};
 use super::model::{Block, GptConfig, LayerNorm};
-use super::synth::{describe, Pair, Pref, UserRecord};
+use super::synth::{describe, utility, Pair, UserRecord};
 use crate::tokenizer::TextTokenizer;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{embedding, linear_no_bias, Embedding, Linear, VarBuilder};
@@ -26,14 +26,7 @@ pub struct JudgeConfig {
 
 impl JudgeConfig {
     pub fn small(vocab_size: usize) -> Self {
-        Self {
-            vocab_size,
-            d_model: 64,
-            n_head: 4,
-            n_layer: 2,
-            d_ff: 128,
-            max_positions: 128,
-        }
+        Self { vocab_size, d_model: 64, n_head: 4, n_layer: 2, d_ff: 128, max_positions: 128 }
     }
     fn block_cfg(&self) -> GptConfig {
         GptConfig {
@@ -72,9 +65,7 @@ impl Judge {
         Ok(Self {
             wte: embedding(cfg.vocab_size, cfg.d_model, d.pp("wte"))?,
             wpe: embedding(cfg.max_positions, cfg.d_model, d.pp("wpe"))?,
-            blocks: (0..cfg.n_layer)
-                .map(|i| Block::new(&bc, d.pp(format!("h.{i}"))))
-                .collect::<Result<_>>()?,
+            blocks: (0..cfg.n_layer).map(|i| Block::new(&bc, d.pp(format!("h.{i}")))).collect::<Result<_>>()?,
             ln_f: LayerNorm::new(cfg.d_model, d.pp("ln_f"))?,
             resp: embedding(cfg.vocab_size, cfg.d_model, vb.pp("resp.wte"))?,
             bilinear: linear_no_bias(cfg.d_model, cfg.d_model, vb.pp("bilinear"))?,
@@ -94,10 +85,7 @@ impl Judge {
     ) -> Result<Tensor> {
         let (bsz, l) = desc.dims2()?;
         let dm = desc_mask.to_dtype(DType::F32)?;
-        let pos = Tensor::arange(0u32, l as u32, desc.device())?
-            .unsqueeze(0)?
-            .broadcast_as((bsz, l))?
-            .contiguous()?;
+        let pos = Tensor::arange(0u32, l as u32, desc.device())?.unsqueeze(0)?.broadcast_as((bsz, l))?.contiguous()?;
         let mut h = (self.wte.forward(desc)? + self.wpe.forward(&pos)?)?;
         // No causal mask: every description token may read every other (non-padding) one.
         let keep = dm.reshape((bsz, 1, 1, l))?;
@@ -105,9 +93,7 @@ impl Judge {
         for block in &self.blocks {
             h = block.forward(&h, &keep, &bias, None)?.0;
         }
-        let u = self
-            .bilinear
-            .forward(&masked_mean(&self.ln_f.forward(&h)?, &dm)?)?;
+        let u = self.bilinear.forward(&masked_mean(&self.ln_f.forward(&h)?, &dm)?)?;
         let score = |ids: &Tensor, mask: &Tensor| -> Result<Tensor> {
             let v = masked_mean(&self.resp.forward(ids)?, &mask.to_dtype(DType::F32)?)?;
             (&u * v)?.sum_keepdim(D::Minus1)
@@ -138,29 +124,14 @@ impl Scorer<'_> {
     pub fn prob_a(&self, items: &[(&str, &str, &str)]) -> Result<Vec<f32>> {
         let mut out = Vec::with_capacity(items.len());
         for chunk in items.chunks(256) {
-            let d: Vec<_> = chunk
-                .iter()
-                .map(|x| enc(self.tok, x.0, MAX_DESC_TOKENS))
-                .collect();
-            let a: Vec<_> = chunk
-                .iter()
-                .map(|x| enc(self.tok, x.1, MAX_RESP_TOKENS))
-                .collect();
-            let b: Vec<_> = chunk
-                .iter()
-                .map(|x| enc(self.tok, x.2, MAX_RESP_TOKENS))
-                .collect();
-            let (d, a, b) = (
-                pad_right(&d, self.tok.pad),
-                pad_right(&a, self.tok.pad),
-                pad_right(&b, self.tok.pad),
-            );
+            let d: Vec<_> = chunk.iter().map(|x| enc(self.tok, x.0, MAX_DESC_TOKENS)).collect();
+            let a: Vec<_> = chunk.iter().map(|x| enc(self.tok, x.1, MAX_RESP_TOKENS)).collect();
+            let b: Vec<_> = chunk.iter().map(|x| enc(self.tok, x.2, MAX_RESP_TOKENS)).collect();
+            let (d, a, b) = (pad_right(&d, self.tok.pad), pad_right(&a, self.tok.pad), pad_right(&b, self.tok.pad));
             let t = |x: &Batch| x.tensors(&self.device);
             let ((di, dm), (ai, am), (bi, bm)) = (t(&d)?, t(&a)?, t(&b)?);
             let logits = self.judge.forward(&di, &dm, &ai, &am, &bi, &bm)?;
-            let p = candle_nn::ops::softmax(&logits, D::Minus1)?
-                .narrow(1, 0, 1)?
-                .squeeze(1)?;
+            let p = candle_nn::ops::softmax(&logits, D::Minus1)?.narrow(1, 0, 1)?.squeeze(1)?;
             out.extend(p.to_vec1::<f32>()?);
         }
         Ok(out)
@@ -179,10 +150,7 @@ impl Scorer<'_> {
             })
             .collect();
         let probs = self.prob_a(&items)?;
-        Ok(probs
-            .chunks(2)
-            .map(|c| indicator((c[0] + 1.0 - c[1]) / 2.0))
-            .collect())
+        Ok(probs.chunks(2).map(|c| indicator((c[0] + 1.0 - c[1]) / 2.0)).collect())
     }
 
     /// Many descriptions at once: one score vector per (description, pairs).
@@ -191,21 +159,13 @@ impl Scorer<'_> {
             .iter()
             .flat_map(|(d, pairs)| {
                 pairs.iter().flat_map(move |p| {
-                    [
-                        (*d, p.chosen.as_str(), p.rejected.as_str()),
-                        (*d, p.rejected.as_str(), p.chosen.as_str()),
-                    ]
+                    [(*d, p.chosen.as_str(), p.rejected.as_str()), (*d, p.rejected.as_str(), p.chosen.as_str())]
                 })
             })
             .collect();
         let probs = self.prob_a(&items)?;
-        let mut it = probs
-            .chunks(2)
-            .map(|c| indicator((c[0] + 1.0 - c[1]) / 2.0));
-        Ok(jobs
-            .iter()
-            .map(|(_, pairs)| it.by_ref().take(pairs.len()).collect())
-            .collect())
+        let mut it = probs.chunks(2).map(|c| indicator((c[0] + 1.0 - c[1]) / 2.0));
+        Ok(jobs.iter().map(|(_, pairs)| it.by_ref().take(pairs.len()).collect()).collect())
     }
 }
 
@@ -227,26 +187,9 @@ pub fn mean(xs: &[f32]) -> f32 {
     }
 }
 
-/// Utility of a response's poles under a set of preferences.
-pub fn utility(prefs: &[Pref], poles: &[Pref]) -> i32 {
-    poles
-        .iter()
-        .filter_map(|p| {
-            prefs
-                .iter()
-                .find(|q| q.dim == p.dim)
-                .map(|q| (q.dir * p.dir) as i32)
-        })
-        .sum()
-}
-
 /// One judge training example: a description of a random subset of the user's preferences and
 /// a pair labelled by the utility over that subset (ties skipped), in random order.
-pub fn sample_example(
-    user: &UserRecord,
-    pairs: &[Pair],
-    rng: &mut impl Rng,
-) -> Option<(String, String, String, u32)> {
+pub fn sample_example(user: &UserRecord, pairs: &[Pair], rng: &mut impl Rng) -> Option<(String, String, String, u32)> {
     let pair = pairs.choose(rng)?;
     let mut prefs = user.prefs.clone();
     prefs.shuffle(rng);
@@ -257,11 +200,7 @@ pub fn sample_example(
     if du == 0 {
         return None;
     }
-    let (better, worse) = if du > 0 {
-        (&pair.chosen, &pair.rejected)
-    } else {
-        (&pair.rejected, &pair.chosen)
-    };
+    let (better, worse) = if du > 0 { (&pair.chosen, &pair.rejected) } else { (&pair.rejected, &pair.chosen) };
     let desc = describe(&prefs, rng);
     Some(if rng.gen_bool(0.5) {
         (desc, better.clone(), worse.clone(), 0)
@@ -279,14 +218,7 @@ mod tests {
     fn every_parameter_gets_a_gradient_and_order_is_symmetric() {
         let dev = Device::Cpu;
         let vm = VarMap::new();
-        let cfg = JudgeConfig {
-            vocab_size: 40,
-            d_model: 16,
-            n_head: 2,
-            n_layer: 1,
-            d_ff: 32,
-            max_positions: 16,
-        };
+        let cfg = JudgeConfig { vocab_size: 40, d_model: 16, n_head: 2, n_layer: 1, d_ff: 32, max_positions: 16 };
         let j = Judge::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
         let d = Tensor::new(&[[1u32, 2, 3], [4, 5, 0]], &dev).unwrap();
         let dm = Tensor::new(&[[1u32, 1, 1], [1, 1, 0]], &dev).unwrap();
@@ -296,56 +228,14 @@ mod tests {
         let bm = Tensor::ones((2, 2), DType::U32, &dev).unwrap();
         let ab = j.forward(&d, &dm, &a, &am, &b, &bm).unwrap();
         let ba = j.forward(&d, &dm, &b, &bm, &a, &am).unwrap();
-        let swapped = Tensor::cat(
-            &[ba.narrow(1, 1, 1).unwrap(), ba.narrow(1, 0, 1).unwrap()],
-            1,
-        )
-        .unwrap();
-        assert!(
-            (ab.clone() - swapped)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                < 1e-6
-        );
+        let swapped = Tensor::cat(&[ba.narrow(1, 1, 1).unwrap(), ba.narrow(1, 0, 1).unwrap()], 1).unwrap();
+        assert!((ab.clone() - swapped).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-6);
         let loss = ab.sqr().unwrap().mean_all().unwrap();
         let grads = loss.backward().unwrap();
         for (name, var) in vm.data().lock().unwrap().iter() {
-            let g = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{name}: no gradient"));
-            assert!(
-                g.sqr()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-                    > 0.0,
-                "{name}: zero gradient"
-            );
+            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
+            assert!(g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0, "{name}: zero gradient");
         }
-    }
-
-    #[test]
-    fn utility_counts_only_stated_dims() {
-        let prefs = [Pref { dim: 1, dir: 1 }, Pref { dim: 2, dir: -1 }];
-        assert_eq!(
-            utility(
-                &prefs,
-                &[
-                    Pref { dim: 1, dir: 1 },
-                    Pref { dim: 2, dir: 1 },
-                    Pref { dim: 9, dir: 1 }
-                ]
-            ),
-            0
-        );
-        assert_eq!(utility(&prefs, &[Pref { dim: 2, dir: -1 }]), 1);
     }
 }
 
@@ -354,8 +244,7 @@ mod tests {
 pub fn train_judge(
     judge: &Judge,
     vars: &candle_nn::VarMap,
-    users: &[&UserRecord],
-    pairs: &dyn Fn(&UserRecord) -> Vec<Pair>,
+    users: &[(&UserRecord, Vec<Pair>)],
     tok: &TextTokenizer,
     steps: usize,
     batch: usize,
@@ -365,28 +254,16 @@ pub fn train_judge(
 ) -> anyhow::Result<super::curves::Curves> {
     use candle_nn::Optimizer;
     let dev = Device::Cpu;
-    let pools: Vec<Vec<Pair>> = users.iter().map(|u| pairs(u)).collect();
-    let mut opt = candle_nn::AdamW::new(
-        vars.all_vars(),
-        candle_nn::ParamsAdamW {
-            lr,
-            weight_decay: 0.0,
-            ..Default::default()
-        },
-    )?;
-    let cfg = super::sft::TrainConfig {
-        steps,
-        batch,
-        lr,
-        warmup: steps / 20,
-    };
+    let mut opt =
+        candle_nn::AdamW::new(vars.all_vars(), candle_nn::ParamsAdamW { lr, weight_decay: 0.0, ..Default::default() })?;
+    let cfg = super::sft::TrainConfig { steps, batch, lr, warmup: steps / 20 };
     let mut curves = super::curves::Curves::new(&["loss", "train_acc"]);
     progress.set_length(steps as u64);
     for step in 0..steps {
         let mut ex = Vec::with_capacity(batch);
         while ex.len() < batch {
             let i = rng.gen_range(0..users.len());
-            if let Some(e) = sample_example(users[i], &pools[i], rng) {
+            if let Some(e) = sample_example(users[i].0, &users[i].1, rng) {
                 ex.push(e);
             }
         }
@@ -403,15 +280,13 @@ pub fn train_judge(
         let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
         opt.set_learning_rate(super::sft::lr_at(step, &cfg));
         opt.backward_step(&loss)?;
-        let acc = logits
-            .argmax(D::Minus1)?
-            .eq(&labels)?
-            .to_dtype(DType::F32)?
-            .mean_all()?
-            .to_scalar::<f32>()?;
+        let acc = logits.argmax(D::Minus1)?.eq(&labels)?.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()?;
         let l = loss.to_scalar::<f32>()?;
         curves.push(step + 1, vec![l as f64, acc as f64]);
         progress.set_message(format!("loss {l:.3} acc {acc:.2}"));
+        if (step + 1) % (steps / 10).max(1) == 0 {
+            tracing::info!(step = step + 1, loss = l, acc, "judge");
+        }
         progress.inc(1);
     }
     Ok(curves)

@@ -88,11 +88,7 @@ impl Block {
         let (b, s, d) = x.dims3()?;
         let hd = d / self.n_head;
         let h = self.ln1.forward(x)?;
-        let split = |t: Tensor| {
-            t.reshape((b, s, self.n_head, hd))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
+        let split = |t: Tensor| t.reshape((b, s, self.n_head, hd))?.transpose(1, 2)?.contiguous();
         let q = split(self.q.forward(&h)?)?;
         let mut k = split(self.k.forward(&h)?)?;
         let mut v = split(self.v.forward(&h)?)?;
@@ -125,13 +121,10 @@ pub struct Gpt {
 pub fn attention_bias(attention_mask: &Tensor, s: usize) -> Result<(Tensor, Tensor)> {
     let (b, total) = attention_mask.dims2()?;
     let past = total - s;
-    let causal: Vec<f32> = (0..s)
-        .flat_map(|i| (0..total).map(move |j| if j <= past + i { 1.0 } else { 0.0 }))
-        .collect();
+    let causal: Vec<f32> =
+        (0..s).flat_map(|i| (0..total).map(move |j| if j <= past + i { 1.0 } else { 0.0 })).collect();
     let causal = Tensor::from_vec(causal, (1, 1, s, total), attention_mask.device())?;
-    let pad = attention_mask
-        .to_dtype(DType::F32)?
-        .reshape((b, 1, 1, total))?;
+    let pad = attention_mask.to_dtype(DType::F32)?.reshape((b, 1, 1, total))?;
     let keep = causal.broadcast_mul(&pad)?;
     let bias = ((1.0 - &keep)? * MASK_VALUE as f64)?;
     Ok((keep, bias))
@@ -139,9 +132,7 @@ pub fn attention_bias(attention_mask: &Tensor, s: usize) -> Result<(Tensor, Tens
 
 impl Gpt {
     pub fn new(cfg: &GptConfig, vb: VarBuilder) -> Result<Self> {
-        let blocks = (0..cfg.n_layer)
-            .map(|i| Block::new(cfg, vb.pp(format!("h.{i}"))))
-            .collect::<Result<Vec<_>>>()?;
+        let blocks = (0..cfg.n_layer).map(|i| Block::new(cfg, vb.pp(format!("h.{i}")))).collect::<Result<Vec<_>>>()?;
         Ok(Self {
             wte: embedding(cfg.vocab_size, cfg.d_model, vb.pp("wte"))?,
             wpe: embedding(cfg.max_positions, cfg.d_model, vb.pp("wpe"))?,
@@ -178,12 +169,7 @@ impl Gpt {
     pub fn empty_past(&self, batch: usize, device: &Device) -> Result<Vec<KvPair>> {
         let shape = (batch, self.cfg.n_head, 0, self.cfg.head_dim());
         (0..self.cfg.n_layer)
-            .map(|_| {
-                Ok((
-                    Tensor::zeros(shape, DType::F32, device)?,
-                    Tensor::zeros(shape, DType::F32, device)?,
-                ))
-            })
+            .map(|_| Ok((Tensor::zeros(shape, DType::F32, device)?, Tensor::zeros(shape, DType::F32, device)?)))
             .collect()
     }
 }
@@ -211,14 +197,7 @@ mod tests {
     use candle_nn::VarMap;
 
     pub fn tiny() -> GptConfig {
-        GptConfig {
-            vocab_size: 50,
-            n_layer: 2,
-            n_head: 2,
-            d_model: 16,
-            d_ff: 32,
-            max_positions: 32,
-        }
+        GptConfig { vocab_size: 50, n_layer: 2, n_head: 2, d_model: 16, d_ff: 32, max_positions: 32 }
     }
 
     #[test]
@@ -235,16 +214,8 @@ mod tests {
         let vars = vm.data().lock().unwrap();
         assert_eq!(vars.len(), 2 + 2 * 16 + 3);
         for (name, var) in vars.iter() {
-            let g = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{name} has no gradient"));
-            let norm = g
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name} has no gradient"));
+            let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(norm > 0.0, "{name} has a zero gradient");
         }
     }
@@ -259,30 +230,12 @@ mod tests {
         let pos = Tensor::new(&[[0u32, 1, 2, 3, 4]], &dev).unwrap();
         let (full, _) = model.forward(&ids, &mask, &pos, None).unwrap();
         let (_, past) = model
-            .forward(
-                &ids.narrow(1, 0, 4).unwrap(),
-                &mask.narrow(1, 0, 4).unwrap(),
-                &pos.narrow(1, 0, 4).unwrap(),
-                None,
-            )
+            .forward(&ids.narrow(1, 0, 4).unwrap(), &mask.narrow(1, 0, 4).unwrap(), &pos.narrow(1, 0, 4).unwrap(), None)
             .unwrap();
-        let (step, _) = model
-            .forward(
-                &ids.narrow(1, 4, 1).unwrap(),
-                &mask,
-                &pos.narrow(1, 4, 1).unwrap(),
-                Some(&past),
-            )
-            .unwrap();
+        let (step, _) =
+            model.forward(&ids.narrow(1, 4, 1).unwrap(), &mask, &pos.narrow(1, 4, 1).unwrap(), Some(&past)).unwrap();
         let a = full.narrow(1, 4, 1).unwrap();
-        let diff = (a - step)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = (a - step).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-4, "diff {diff}");
     }
 

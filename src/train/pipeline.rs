@@ -46,14 +46,7 @@ impl Preset {
             sft_steps: 1200,
             sft_batch: 16,
             sft_lr: 2e-3,
-            policy: GptConfig {
-                vocab_size: 0,
-                n_layer: 4,
-                n_head: 4,
-                d_model: 128,
-                d_ff: 512,
-                max_positions: 512,
-            },
+            policy: GptConfig { vocab_size: 0, n_layer: 4, n_head: 4, d_model: 128, d_ff: 512, max_positions: 512 },
             eval_users: 200,
             max_new_tokens: 160,
         }
@@ -67,14 +60,7 @@ impl Preset {
             sft_steps: 8,
             sft_batch: 8,
             sft_lr: 2e-3,
-            policy: GptConfig {
-                vocab_size: 0,
-                n_layer: 1,
-                n_head: 2,
-                d_model: 32,
-                d_ff: 64,
-                max_positions: 512,
-            },
+            policy: GptConfig { vocab_size: 0, n_layer: 1, n_head: 2, d_model: 32, d_ff: 64, max_positions: 512 },
             eval_users: 4,
             max_new_tokens: 24,
         }
@@ -98,27 +84,17 @@ pub fn bar(msg: &str) -> ProgressBar {
 }
 
 fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<()> {
-    std::fs::write(path, serde_json::to_string_pretty(v)?)
-        .with_context(|| format!("writing {}", path.display()))
+    std::fs::write(path, serde_json::to_string_pretty(v)?).with_context(|| format!("writing {}", path.display()))
 }
 
 fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let s = std::fs::read_to_string(path).with_context(|| {
-        format!(
-            "reading {} (run the step that makes it first)",
-            path.display()
-        )
-    })?;
+    let s = std::fs::read_to_string(path)
+        .with_context(|| format!("reading {} (run the step that makes it first)", path.display()))?;
     serde_json::from_str(&s).with_context(|| format!("parsing {}", path.display()))
 }
 
 fn weights(vars: &VarMap) -> HashMap<String, Tensor> {
-    vars.data()
-        .lock()
-        .expect("varmap lock")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-        .collect()
+    vars.data().lock().expect("varmap lock").iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect()
 }
 
 impl Run {
@@ -147,9 +123,7 @@ impl Run {
 
     pub fn synth(&self, cfg: &SynthConfig, alignx: Option<&Path>) -> Result<World> {
         let world = match alignx {
-            Some(p) => {
-                super::alignx::import(p, cfg.seed, cfg.test_users as f64 / cfg.users.max(1) as f64)?
-            }
+            Some(p) => super::alignx::import(p, cfg.seed, cfg.test_users as f64 / cfg.users.max(1) as f64)?,
             None => synth::generate(cfg),
         };
         synth::write_world(&self.path("data"), &world)?;
@@ -183,19 +157,37 @@ impl Run {
         Ok(tok)
     }
 
-    fn judge_pairs(u: &synth::UserRecord) -> Vec<Pair> {
-        u.test_pairs.clone()
+    /// Judge training pairs per train user: its held-out-style pairs plus its own comparison
+    /// signals (their poles are known, so label noise does not leak into the judge).
+    fn judge_pairs<'w>(world: &'w World) -> Vec<(&'w synth::UserRecord, Vec<Pair>)> {
+        let windows = sft::user_windows(world);
+        world
+            .users
+            .iter()
+            .filter(|u| u.split == Split::Train)
+            .map(|u| {
+                let mut pairs = u.test_pairs.clone();
+                for (e, a) in windows.get(u.user_id.as_str()).into_iter().flatten().flatten() {
+                    if let crate::event::EventBody::Comparison { post, chosen, rejected } = &e.body {
+                        pairs.push(Pair {
+                            post: post.clone(),
+                            chosen: chosen.clone(),
+                            rejected: rejected.clone(),
+                            chosen_poles: a.chosen_poles.clone(),
+                            rejected_poles: a.rejected_poles.clone(),
+                        });
+                    }
+                }
+                (u, pairs)
+            })
+            .collect()
     }
 
     pub fn load_judge(&self) -> Result<(Judge, VarMap)> {
         let cfg: JudgeConfig = read_json(&self.path("judge.json"))?;
         let mut vars = VarMap::new();
-        let judge = Judge::new(
-            &cfg,
-            VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu),
-        )?;
-        vars.load(self.path("judge.safetensors"))
-            .context("loading judge.safetensors")?;
+        let judge = Judge::new(&cfg, VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu))?;
+        vars.load(self.path("judge.safetensors")).context("loading judge.safetensors")?;
         Ok((judge, vars))
     }
 
@@ -204,37 +196,16 @@ impl Run {
         let tok = self.tokenizer()?;
         let cfg = JudgeConfig::small(tok.vocab_size());
         let vars = VarMap::new();
-        let judge = Judge::new(
-            &cfg,
-            VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu),
-        )?;
-        let train: Vec<_> = world
-            .users
-            .iter()
-            .filter(|u| u.split == Split::Train)
-            .collect();
+        let judge = Judge::new(&cfg, VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu))?;
+        let train = Self::judge_pairs(&world);
         let pb = bar("judge");
-        let curves = train_judge(
-            &judge,
-            &vars,
-            &train,
-            &Self::judge_pairs,
-            &tok,
-            steps,
-            64,
-            3e-3,
-            &mut self.rng(2),
-            &pb,
-        )?;
+        let curves =
+            train_judge(&judge, &vars, &train, &tok, steps, 64, 3e-3, &mut self.rng(2), &pb)?;
         pb.finish();
         curves.write(&self.dir, "judge_curve")?;
         vars.save(self.path("judge.safetensors"))?;
         write_json(&self.path("judge.json"), &cfg)?;
-        let scorer = Scorer {
-            judge: &judge,
-            tok: &tok,
-            device: Device::Cpu,
-        };
+        let scorer = Scorer { judge: &judge, tok: &tok, device: Device::Cpu };
         let users = test_users(&world, usize::MAX);
         let rows = reference_rows(&scorer, &users)?;
         write_json(&self.path("judge_eval.json"), &rows)?;
@@ -248,8 +219,7 @@ impl Run {
         let cfg: GptConfig = read_json(&self.path("policy.json"))?;
         let mut vars = VarMap::new();
         let model = sft::new_policy(&cfg, &vars)?;
-        vars.load(self.path("policy.safetensors"))
-            .context("loading policy.safetensors")?;
+        vars.load(self.path("policy.safetensors")).context("loading policy.safetensors")?;
         Ok((model, vars))
     }
 
@@ -257,19 +227,14 @@ impl Run {
         let world = self.world()?;
         let tok = self.tokenizer()?;
         let (judge, _) = self.load_judge()?;
-        let scorer = Scorer {
-            judge: &judge,
-            tok: &tok,
-            device: Device::Cpu,
-        };
+        let scorer = Scorer { judge: &judge, tok: &tok, device: Device::Cpu };
         let mut rng = self.rng(3);
         let pb = bar("teacher");
         let (examples, stats) = sft::build_examples(&world, &scorer, 4, 0.6, &mut rng, &pb)?;
         pb.finish();
         tracing::info!(?stats, "cold-start data filtered by R_jud");
         write_json(&self.path("sft_filter.json"), &stats)?;
-        let mut f =
-            std::io::BufWriter::new(std::fs::File::create(self.path("sft_examples.jsonl"))?);
+        let mut f = std::io::BufWriter::new(std::fs::File::create(self.path("sft_examples.jsonl"))?);
         for e in &examples {
             writeln!(f, "{}", serde_json::to_string(e)?)?;
         }
@@ -278,17 +243,8 @@ impl Run {
         cfg.vocab_size = tok.vocab_size();
         let data = sft::tokenize(&examples, &tok, cfg.max_positions);
         let (valid, train) = data.split_at(data.len().min(64).min(data.len() / 10));
-        let longest = data
-            .iter()
-            .map(|t| t.prompt.len() + t.response.len())
-            .max()
-            .unwrap_or(0);
-        tracing::info!(
-            examples = data.len(),
-            dropped = examples.len() - data.len(),
-            longest,
-            "tokenized"
-        );
+        let longest = data.iter().map(|t| t.prompt.len() + t.response.len()).max().unwrap_or(0);
+        tracing::info!(examples = data.len(), dropped = examples.len() - data.len(), longest, "tokenized");
         let vars = VarMap::new();
         let model = sft::new_policy(&cfg, &vars)?;
         let tc = TrainConfig {
@@ -348,11 +304,7 @@ impl Run {
         let tok = self.tokenizer()?;
         let (judge, _) = self.load_judge()?;
         let (policy, _) = self.load_policy()?;
-        let scorer = Scorer {
-            judge: &judge,
-            tok: &tok,
-            device: Device::Cpu,
-        };
+        let scorer = Scorer { judge: &judge, tok: &tok, device: Device::Cpu };
         let users = test_users(&world, preset.eval_users);
         let mut rows = reference_rows(&scorer, &users)?;
         let mut rng = self.rng(4);
@@ -372,21 +324,13 @@ impl Run {
                 32,
                 &mut rng,
             )?;
-            tracing::info!(
-                setting = s.name(),
-                acc_jud = row.acc_jud,
-                format_rate = row.format_rate,
-                "evaluated"
-            );
+            tracing::info!(setting = s.name(), acc_jud = row.acc_jud, format_rate = row.format_rate, "evaluated");
             samples.push(serde_json::json!({"setting": s.name(), "user": users[0].0.user_id, "golden": users[0].0.golden, "description": descs[0]}));
             rows.push(row);
             pb.inc(1);
         }
         pb.finish();
-        write_json(
-            &self.path("eval.json"),
-            &serde_json::json!({"rows": rows, "samples": samples}),
-        )?;
+        write_json(&self.path("eval.json"), &serde_json::json!({"rows": rows, "samples": samples}))?;
         std::fs::write(self.path("eval.md"), markdown(&rows))?;
         Ok(rows)
     }

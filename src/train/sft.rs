@@ -35,24 +35,15 @@ pub struct FilterStats {
 }
 
 /// A user's signals in order, each with its ground-truth annotation, cut into windows.
-pub fn user_windows<'a>(
-    world: &'a World,
-) -> HashMap<&'a str, Vec<Vec<(&'a Event, &'a Annotation)>>> {
-    let ann: HashMap<&str, &Annotation> = world
-        .annotations
-        .iter()
-        .map(|a| (a.event_id.as_str(), a))
-        .collect();
+pub fn user_windows<'a>(world: &'a World) -> HashMap<&'a str, Vec<Vec<(&'a Event, &'a Annotation)>>> {
+    let ann: HashMap<&str, &Annotation> = world.annotations.iter().map(|a| (a.event_id.as_str(), a)).collect();
     let mut by_user: HashMap<&str, Vec<(&Event, &Annotation)>> = HashMap::new();
     for e in &world.events {
         if let Some(a) = ann.get(e.event_id.as_str()) {
             by_user.entry(e.user_id.as_str()).or_default().push((e, a));
         }
     }
-    by_user
-        .into_iter()
-        .map(|(u, evs)| (u, evs.chunks_exact(WINDOW).map(<[_]>::to_vec).collect()))
-        .collect()
+    by_user.into_iter().map(|(u, evs)| (u, evs.chunks_exact(WINDOW).map(<[_]>::to_vec).collect())).collect()
 }
 
 /// Teacher → judge filter → examples. Per train user: a streaming chain over its windows
@@ -68,11 +59,8 @@ pub fn build_examples(
     let windows = user_windows(world);
     let mut stats = FilterStats::default();
     let mut out = Vec::new();
-    let users: Vec<&UserRecord> = world
-        .users
-        .iter()
-        .filter(|u| u.split == Split::Train && !u.test_pairs.is_empty())
-        .collect();
+    let users: Vec<&UserRecord> =
+        world.users.iter().filter(|u| u.split == Split::Train && !u.test_pairs.is_empty()).collect();
     progress.set_length(users.len() as u64);
     for user in users {
         progress.inc(1);
@@ -85,30 +73,19 @@ pub fn build_examples(
             let bodies: Vec<_> = win.iter().map(|x| &x.0.body).collect();
             let settings: &[bool] = if w == 0 { &[false] } else { &[true, false] };
             for &streaming in settings {
-                let prev_prefs: &[Pref] = if streaming {
-                    prev.as_ref().map(|p| p.0.as_slice()).unwrap_or(&[])
-                } else {
-                    &[]
-                };
+                let prev_prefs: &[Pref] =
+                    if streaming { prev.as_ref().map(|p| p.0.as_slice()).unwrap_or(&[]) } else { &[] };
                 let cands = teach(user, prev_prefs, &anns, g, error_rate, rng);
-                let jobs: Vec<(&str, &[_])> = cands
-                    .iter()
-                    .map(|c| (c.description.as_str(), user.test_pairs.as_slice()))
-                    .collect();
+                let jobs: Vec<(&str, &[_])> =
+                    cands.iter().map(|c| (c.description.as_str(), user.test_pairs.as_slice())).collect();
                 let scores = scorer.many_pair_scores(&jobs)?;
                 stats.candidates += cands.len();
-                let kept: Vec<usize> = (0..cands.len())
-                    .filter(|&i| mean(&scores[i]) > 0.5)
-                    .collect();
+                let kept: Vec<usize> = (0..cands.len()).filter(|&i| mean(&scores[i]) > 0.5).collect();
                 stats.kept_candidates += kept.len();
                 let chosen = kept.first().copied();
                 if let Some(i) = chosen {
                     let prompt = build_prompt(
-                        if streaming {
-                            prev.as_ref().map(|p| p.1.as_str())
-                        } else {
-                            None
-                        },
+                        if streaming { prev.as_ref().map(|p| p.1.as_str()) } else { None },
                         bodies.iter().copied(),
                     );
                     out.push(SftExample {
@@ -143,10 +120,7 @@ pub fn tokenize(examples: &[SftExample], tok: &TextTokenizer, max_len: usize) ->
         .map(|e| {
             let mut response = tok.encode(&e.response);
             response.push(tok.eos);
-            Tokenized {
-                prompt: tok.encode(&e.prompt),
-                response,
-            }
+            Tokenized { prompt: tok.encode(&e.prompt), response }
         })
         .filter(|t| t.prompt.len() + t.response.len() <= max_len)
         .collect()
@@ -186,10 +160,7 @@ fn batches(data: &[Tokenized], batch: usize, rng: &mut impl Rng) -> Vec<Vec<usiz
 /// Cross-entropy on response tokens only, each sequence's loss normalised by its length.
 pub fn sft_loss(model: &Gpt, items: &[&Tokenized], pad: u32) -> candle_core::Result<Tensor> {
     let dev = Device::Cpu;
-    let inputs: Vec<Vec<u32>> = items
-        .iter()
-        .map(|t| t.prompt.iter().chain(&t.response).copied().collect())
-        .collect();
+    let inputs: Vec<Vec<u32>> = items.iter().map(|t| t.prompt.iter().chain(&t.response).copied().collect()).collect();
     let b = pad_right(&inputs, pad);
     let len = b.len - 1;
     let mut x = Vec::with_capacity(b.rows * len);
@@ -201,25 +172,12 @@ pub fn sft_loss(model: &Gpt, items: &[&Tokenized], pad: u32) -> candle_core::Res
         y.extend_from_slice(&row[1..]);
         let start = t.prompt.len() - 1; // position predicting the first response token
         let weight = 1.0 / (t.response.len() * items.len()) as f32;
-        w.extend((0..len).map(|j| {
-            if j >= start && j < start + t.response.len() {
-                weight
-            } else {
-                0.0
-            }
-        }));
+        w.extend((0..len).map(|j| if j >= start && j < start + t.response.len() { weight } else { 0.0 }));
     }
-    let mask: Vec<u32> = b
-        .mask
-        .chunks(b.len)
-        .flat_map(|r| r[..len].to_vec())
-        .collect();
+    let mask: Vec<u32> = b.mask.chunks(b.len).flat_map(|r| r[..len].to_vec()).collect();
     let x = Tensor::from_vec(x, (b.rows, len), &dev)?;
     let mask = Tensor::from_vec(mask, (b.rows, len), &dev)?;
-    let pos = Tensor::arange(0u32, len as u32, &dev)?
-        .unsqueeze(0)?
-        .broadcast_as((b.rows, len))?
-        .contiguous()?;
+    let pos = Tensor::arange(0u32, len as u32, &dev)?.unsqueeze(0)?.broadcast_as((b.rows, len))?.contiguous()?;
     let (logits, _) = model.forward(&x, &mask, &pos, None)?;
     let logp = candle_nn::ops::log_softmax(&logits.reshape((b.rows * len, ()))?, D::Minus1)?;
     let y = Tensor::from_vec(y, (b.rows * len, 1), &dev)?;
@@ -239,14 +197,7 @@ pub fn train(
     rng: &mut impl Rng,
     progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<Curves> {
-    let mut opt = AdamW::new(
-        vars.all_vars(),
-        ParamsAdamW {
-            lr: cfg.lr,
-            weight_decay: 0.01,
-            ..Default::default()
-        },
-    )?;
+    let mut opt = AdamW::new(vars.all_vars(), ParamsAdamW { lr: cfg.lr, weight_decay: 0.01, ..Default::default() })?;
     let mut curves = Curves::new(&["train_loss", "valid_loss", "lr"]);
     let mut queue: Vec<Vec<usize>> = Vec::new();
     let mut valid_loss = f64::NAN;
@@ -272,16 +223,16 @@ pub fn train(
         }
         curves.push(step + 1, vec![l, valid_loss, lr]);
         progress.set_message(format!("loss {l:.3} valid {valid_loss:.3}"));
+        if (step + 1) % (cfg.steps / 10).max(1) == 0 {
+            tracing::info!(step = step + 1, loss = l, valid_loss, lr, "sft");
+        }
         progress.inc(1);
     }
     Ok(curves)
 }
 
 pub fn new_policy(cfg: &GptConfig, vars: &VarMap) -> candle_core::Result<Gpt> {
-    Gpt::new(
-        cfg,
-        candle_nn::VarBuilder::from_varmap(vars, DType::F32, &Device::Cpu),
-    )
+    Gpt::new(cfg, candle_nn::VarBuilder::from_varmap(vars, DType::F32, &Device::Cpu))
 }
 
 #[cfg(test)]
@@ -290,12 +241,7 @@ mod tests {
 
     #[test]
     fn schedule_warms_up_then_decays() {
-        let cfg = TrainConfig {
-            steps: 100,
-            batch: 1,
-            lr: 1.0,
-            warmup: 10,
-        };
+        let cfg = TrainConfig { steps: 100, batch: 1, lr: 1.0, warmup: 10 };
         assert!((lr_at(0, &cfg) - 0.1).abs() < 1e-9);
         assert!((lr_at(10, &cfg) - 1.0).abs() < 1e-9);
         assert!((lr_at(100, &cfg) - 0.1).abs() < 1e-9);

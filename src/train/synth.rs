@@ -92,14 +92,7 @@ pub struct World {
     pub annotations: Vec<Annotation>,
 }
 
-const VERBS: [&str; 6] = [
-    "prefers",
-    "likes",
-    "values",
-    "leans toward",
-    "enjoys",
-    "favors",
-];
+const VERBS: [&str; 6] = ["prefers", "likes", "values", "leans toward", "enjoys", "favors"];
 
 const POSTS: [&str; 36] = [
     "Any tips for my weekend?",
@@ -174,10 +167,8 @@ pub fn describe(prefs: &[Pref], rng: &mut impl Rng) -> String {
     }
     let mut order: Vec<&Pref> = prefs.iter().collect();
     order.shuffle(rng);
-    let clauses: Vec<String> = order
-        .iter()
-        .map(|p| format!("{} {}", pick(&VERBS, rng), pole(p.dim, p.dir).label))
-        .collect();
+    let clauses: Vec<String> =
+        order.iter().map(|p| format!("{} {}", pick(&VERBS, rng), pole(p.dim, p.dir).label)).collect();
     format!("The user {}.", clauses.join("; "))
 }
 
@@ -188,10 +179,7 @@ fn pick<'a>(items: &[&'a str], rng: &mut impl Rng) -> &'a str {
 /// Distinct seeds per user so each user's data depends only on (seed, index).
 fn user_seed(seed: u64, i: usize) -> u64 {
     // splitmix64 finaliser
-    let mut z = seed
-        ^ (i as u64)
-            .wrapping_add(1)
-            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut z = seed ^ (i as u64).wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
@@ -203,31 +191,22 @@ fn fill(template: &str, phrase: &str) -> String {
 
 /// One response: a sentence per pole, in random order.
 fn render_response(poles: &[Pref], rng: &mut impl Rng) -> String {
-    let mut sentences: Vec<String> = poles
-        .iter()
-        .map(|p| fill(pick(&SENTENCES, rng), pick(pole(p.dim, p.dir).phrases, rng)))
-        .collect();
+    let mut sentences: Vec<String> =
+        poles.iter().map(|p| fill(pick(&SENTENCES, rng), pick(pole(p.dim, p.dir).phrases, rng))).collect();
     sentences.shuffle(rng);
     sentences.join(" ")
 }
 
 /// Σ over the user's active dims of dir · pole; inactive dims contribute nothing.
-pub(crate) fn utility(prefs: &[Pref], poles: &[Pref]) -> i32 {
+pub fn utility(prefs: &[Pref], poles: &[Pref]) -> i32 {
     poles
         .iter()
-        .filter_map(|p| {
-            prefs
-                .iter()
-                .find(|u| u.dim == p.dim)
-                .map(|u| i32::from(u.dir) * i32::from(p.dir))
-        })
+        .filter_map(|p| prefs.iter().find(|u| u.dim == p.dim).map(|u| i32::from(u.dir) * i32::from(p.dir)))
         .sum()
 }
 
 fn sample_dims(from: &[usize], n: usize, rng: &mut impl Rng) -> Vec<usize> {
-    from.choose_multiple(rng, n.min(from.len()))
-        .copied()
-        .collect()
+    from.choose_multiple(rng, n.min(from.len())).copied().collect()
 }
 
 /// A comparison pair. `label_noise: None` means a test pair: no noise, ties re-drawn.
@@ -241,20 +220,8 @@ fn make_pair(prefs: &[Pref], label_noise: Option<f64>, rng: &mut impl Rng) -> (P
         let mut set = sample_dims(&active, n_act, rng);
         set.extend(sample_dims(&inactive, n_inact, rng));
         set.shuffle(rng);
-        let a: Vec<Pref> = set
-            .iter()
-            .map(|&dim| Pref {
-                dim,
-                dir: if rng.gen_bool(0.5) { 1 } else { -1 },
-            })
-            .collect();
-        let b: Vec<Pref> = a
-            .iter()
-            .map(|p| Pref {
-                dim: p.dim,
-                dir: -p.dir,
-            })
-            .collect();
+        let a: Vec<Pref> = set.iter().map(|&dim| Pref { dim, dir: if rng.gen_bool(0.5) { 1 } else { -1 } }).collect();
+        let b: Vec<Pref> = a.iter().map(|p| Pref { dim: p.dim, dir: -p.dir }).collect();
         let (ua, ub) = (utility(prefs, &a), utility(prefs, &b));
         if ua == ub && label_noise.is_none() && !active.is_empty() {
             continue;
@@ -277,13 +244,8 @@ fn make_pair(prefs: &[Pref], label_noise: Option<f64>, rng: &mut impl Rng) -> (P
         let rejected_text = render_response(&rejected, rng);
         chosen.sort_by_key(|p| p.dim);
         rejected.sort_by_key(|p| p.dim);
-        let pair = Pair {
-            post,
-            chosen: chosen_text,
-            rejected: rejected_text,
-            chosen_poles: chosen,
-            rejected_poles: rejected,
-        };
+        let pair =
+            Pair { post, chosen: chosen_text, rejected: rejected_text, chosen_poles: chosen, rejected_poles: rejected };
         return (pair, noisy);
     }
 }
@@ -294,12 +256,7 @@ fn make_ugc(prefs: &[Pref], rng: &mut impl Rng) -> (String, Vec<Pref>) {
     let mut poles: Vec<Pref> = prefs.choose_multiple(rng, n).cloned().collect();
     let text = poles
         .iter()
-        .map(|p| {
-            fill(
-                pick(&UGC_SENTENCES, rng),
-                pick(pole(p.dim, p.dir).phrases, rng),
-            )
-        })
+        .map(|p| fill(pick(&UGC_SENTENCES, rng), pick(pole(p.dim, p.dir).phrases, rng)))
         .collect::<Vec<_>>()
         .join(" ");
     poles.sort_by_key(|p| p.dim);
@@ -330,10 +287,7 @@ pub fn generate(cfg: &SynthConfig) -> World {
         let k = rng.gen_range(min_active..=max_active);
         let mut prefs: Vec<Pref> = rand::seq::index::sample(&mut rng, n_dims, k)
             .into_iter()
-            .map(|dim| Pref {
-                dim,
-                dir: if rng.gen_bool(0.5) { 1 } else { -1 },
-            })
+            .map(|dim| Pref { dim, dir: if rng.gen_bool(0.5) { 1 } else { -1 } })
             .collect();
         prefs.sort_by_key(|p| p.dim);
         let golden = describe(&prefs, &mut rng);
@@ -360,32 +314,16 @@ pub fn generate(cfg: &SynthConfig) -> World {
                 ann.chosen_poles = pair.chosen_poles;
                 ann.rejected_poles = pair.rejected_poles;
                 ann.noisy = noisy;
-                EventBody::Comparison {
-                    post: pair.post,
-                    chosen: pair.chosen,
-                    rejected: pair.rejected,
-                }
+                EventBody::Comparison { post: pair.post, chosen: pair.chosen, rejected: pair.rejected }
             };
-            world.events.push(Event {
-                schema_version: SCHEMA_VERSION,
-                event_id,
-                user_id: user_id.clone(),
-                ts,
-                body,
-            });
+            world.events.push(Event { schema_version: SCHEMA_VERSION, event_id, user_id: user_id.clone(), ts, body });
             world.annotations.push(ann);
         }
 
-        let test_pairs = (0..cfg.test_pairs_per_user)
-            .map(|_| make_pair(&prefs, None, &mut rng).0)
-            .collect();
+        let test_pairs = (0..cfg.test_pairs_per_user).map(|_| make_pair(&prefs, None, &mut rng).0).collect();
         world.users.push(UserRecord {
             user_id,
-            split: if i < cfg.test_users {
-                Split::Test
-            } else {
-                Split::Train
-            },
+            split: if i < cfg.test_users { Split::Test } else { Split::Train },
             prefs,
             golden,
             test_pairs,
@@ -398,13 +336,10 @@ fn write_jsonl<T: Serialize>(path: &Path, items: &[T]) -> Result<()> {
     let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let mut out = BufWriter::new(file);
     for item in items {
-        serde_json::to_writer(&mut out, item)
-            .with_context(|| format!("writing {}", path.display()))?;
-        out.write_all(b"\n")
-            .with_context(|| format!("writing {}", path.display()))?;
+        serde_json::to_writer(&mut out, item).with_context(|| format!("writing {}", path.display()))?;
+        out.write_all(b"\n").with_context(|| format!("writing {}", path.display()))?;
     }
-    out.flush()
-        .with_context(|| format!("writing {}", path.display()))?;
+    out.flush().with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
@@ -434,20 +369,11 @@ pub fn write_world(dir: &Path, w: &World) -> Result<()> {
 
 /// Reads a world written by [`write_world`]; events are schema-validated.
 pub fn read_world(dir: &Path) -> Result<World> {
-    let events = read_jsonl(&dir.join("events.jsonl"), |l| {
-        parse_event(l.as_bytes()).map_err(anyhow::Error::from)
-    })?;
-    let users = read_jsonl(&dir.join("users.jsonl"), |l| {
-        serde_json::from_str(l).map_err(anyhow::Error::from)
-    })?;
-    let annotations = read_jsonl(&dir.join("annotations.jsonl"), |l| {
-        serde_json::from_str(l).map_err(anyhow::Error::from)
-    })?;
-    Ok(World {
-        users,
-        events,
-        annotations,
-    })
+    let events = read_jsonl(&dir.join("events.jsonl"), |l| parse_event(l.as_bytes()).map_err(anyhow::Error::from))?;
+    let users = read_jsonl(&dir.join("users.jsonl"), |l| serde_json::from_str(l).map_err(anyhow::Error::from))?;
+    let annotations =
+        read_jsonl(&dir.join("annotations.jsonl"), |l| serde_json::from_str(l).map_err(anyhow::Error::from))?;
+    Ok(World { users, events, annotations })
 }
 
 #[cfg(test)]
@@ -456,11 +382,7 @@ mod tests {
     use crate::event::validate_event_value;
 
     fn small() -> SynthConfig {
-        SynthConfig {
-            users: 40,
-            test_users: 10,
-            ..SynthConfig::default()
-        }
+        SynthConfig { users: 40, test_users: 10, ..SynthConfig::default() }
     }
 
     #[test]
@@ -468,10 +390,7 @@ mod tests {
         let a = generate(&small());
         let b = generate(&small());
         assert_eq!(a.events, b.events);
-        assert_eq!(
-            serde_json::to_string(&a.users).unwrap(),
-            serde_json::to_string(&b.users).unwrap()
-        );
+        assert_eq!(serde_json::to_string(&a.users).unwrap(), serde_json::to_string(&b.users).unwrap());
         let c = generate(&SynthConfig { seed: 8, ..small() });
         assert_ne!(a.events[0].body, c.events[0].body);
     }
@@ -532,10 +451,7 @@ mod tests {
                 continue;
             }
             let u = w.users.iter().find(|u| u.user_id == a.user_id).unwrap();
-            let (uc, ur) = (
-                utility(&u.prefs, &a.chosen_poles),
-                utility(&u.prefs, &a.rejected_poles),
-            );
+            let (uc, ur) = (utility(&u.prefs, &a.chosen_poles), utility(&u.prefs, &a.rejected_poles));
             if a.noisy {
                 noisy += 1;
                 assert!(uc <= ur);
@@ -552,41 +468,24 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(1);
         let prefs = [Pref { dim: 16, dir: 1 }, Pref { dim: 47, dir: -1 }];
         let d = describe(&prefs, &mut rng);
-        assert!(
-            d.contains("concise answers") && d.contains("no science talk"),
-            "{d}"
-        );
+        assert!(d.contains("concise answers") && d.contains("no science talk"), "{d}");
         assert_eq!(describe(&[], &mut rng), NOT_PROVIDED);
     }
 
     #[test]
     fn world_roundtrips_through_files() {
-        let w = generate(&SynthConfig {
-            users: 5,
-            test_users: 2,
-            ..SynthConfig::default()
-        });
+        let w = generate(&SynthConfig { users: 5, test_users: 2, ..SynthConfig::default() });
         let dir = tempfile::tempdir().unwrap();
         write_world(dir.path(), &w).unwrap();
         let r = read_world(dir.path()).unwrap();
         assert_eq!(r.events, w.events);
-        assert_eq!(
-            serde_json::to_string(&r.users).unwrap(),
-            serde_json::to_string(&w.users).unwrap()
-        );
-        assert_eq!(
-            serde_json::to_string(&r.annotations).unwrap(),
-            serde_json::to_string(&w.annotations).unwrap()
-        );
+        assert_eq!(serde_json::to_string(&r.users).unwrap(), serde_json::to_string(&w.users).unwrap());
+        assert_eq!(serde_json::to_string(&r.annotations).unwrap(), serde_json::to_string(&w.annotations).unwrap());
     }
 
     #[test]
     fn malformed_line_names_file_and_line() {
-        let w = generate(&SynthConfig {
-            users: 2,
-            test_users: 1,
-            ..SynthConfig::default()
-        });
+        let w = generate(&SynthConfig { users: 2, test_users: 1, ..SynthConfig::default() });
         let dir = tempfile::tempdir().unwrap();
         write_world(dir.path(), &w).unwrap();
         let path = dir.path().join("events.jsonl");

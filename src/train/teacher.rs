@@ -16,11 +16,7 @@ pub struct Candidate {
 }
 
 fn labels(prefs: &[Pref]) -> String {
-    prefs
-        .iter()
-        .map(|p| pole(p.dim, p.dir).label)
-        .collect::<Vec<_>>()
-        .join(", ")
+    prefs.iter().map(|p| pole(p.dim, p.dir).label).collect::<Vec<_>>().join(", ")
 }
 
 /// Evidence line per signal: the poles the chosen response (or the user's own text) shows.
@@ -64,11 +60,8 @@ fn mistake(prefs: &mut Vec<Pref>, window: &[&Annotation], rng: &mut impl Rng) {
             prefs.remove(rng.gen_range(0..prefs.len()));
         }
         _ => {
-            let seen: Vec<&Pref> = window
-                .iter()
-                .flat_map(|a| &a.chosen_poles)
-                .filter(|p| !prefs.iter().any(|q| q.dim == p.dim))
-                .collect();
+            let seen: Vec<&Pref> =
+                window.iter().flat_map(|a| &a.chosen_poles).filter(|p| !prefs.iter().any(|q| q.dim == p.dim)).collect();
             if let Some(p) = seen.choose(rng) {
                 prefs.push((*p).clone());
             }
@@ -98,11 +91,7 @@ pub fn teach(
                 reasoning.push_str(&format!(" Before: {}.", labels(prev)));
             }
             reasoning.push_str(&format!(" So: {}.", labels(&prefs)));
-            Candidate {
-                reasoning,
-                description: describe(&prefs, rng),
-                prefs,
-            }
+            Candidate { reasoning, description: describe(&prefs, rng), prefs }
         })
         .collect()
 }
@@ -134,24 +123,11 @@ mod tests {
             test_pairs: vec![],
         };
         // the noisy signal shows dim 3 with the wrong pole; the teacher still states the truth
-        let w = [
-            ann(vec![Pref { dim: 3, dir: -1 }, Pref { dim: 7, dir: 1 }]),
-            ann(vec![Pref { dim: 12, dir: 1 }]),
-        ];
+        let w = [ann(vec![Pref { dim: 3, dir: -1 }, Pref { dim: 7, dir: 1 }]), ann(vec![Pref { dim: 12, dir: 1 }])];
         let w: Vec<&Annotation> = w.iter().collect();
-        let c = teach(
-            &user,
-            &[Pref { dim: 50, dir: -1 }],
-            &w,
-            4,
-            1.0,
-            &mut StdRng::seed_from_u64(1),
-        );
+        let c = teach(&user, &[Pref { dim: 50, dir: -1 }], &w, 4, 1.0, &mut StdRng::seed_from_u64(1));
         assert_eq!(c.len(), 4);
-        assert_eq!(
-            c[0].prefs,
-            vec![Pref { dim: 50, dir: -1 }, Pref { dim: 3, dir: 1 }]
-        );
+        assert_eq!(c[0].prefs, vec![Pref { dim: 50, dir: -1 }, Pref { dim: 3, dir: 1 }]);
         assert!(c[0].reasoning.starts_with("1: chose "));
         assert!(c[0].reasoning.contains("Before: "));
         assert!(c[1..].iter().any(|x| x.prefs != c[0].prefs));

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The whole test suite (what CI runs): installs what the tests need, then unit, integration and
+# end-to-end tests. Idempotent; safe on a fresh machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# A target dir outside the clone lets CI reuse an earlier build on the same machine.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/prefstream/target}"
+./scripts/setup.sh
+cargo build --release --all-targets
+cargo test --release --all-targets -- --test-threads 2
