@@ -1,5 +1,6 @@
 //! prefstream: streaming preference inference (AlignXplore) over Kafka, Redis and ONNX Runtime.
 
+pub mod engine;
 pub mod event;
 pub mod onnx;
 pub mod prompt;

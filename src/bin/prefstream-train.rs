@@ -58,11 +58,16 @@ enum Cmd {
     Judge,
     /// Cold start: teacher candidates filtered by the judge, then SFT of the policy.
     Sft,
+    /// Stage 2: GRPO from the SFT checkpoint with the judge reward.
+    Grpo,
     /// Export the policy and judge to ONNX with tokenizer and manifest.
     Export {
         /// Package directory to write.
         #[arg(long, env = "PREFSTREAM_PACKAGE")]
         out: Option<PathBuf>,
+        /// Which checkpoint: `policy` (SFT) or `policy_grpo` (SFT+GRPO).
+        #[arg(long, env = "PREFSTREAM_POLICY", default_value = "policy")]
+        policy: String,
     },
     /// Acc_jud of the SFT policy on held-out users (base-4, base-8, streaming 4+4).
     Eval,
@@ -117,8 +122,9 @@ fn main() -> Result<()> {
             run.judge_step(preset()?.judge_steps)?;
         }
         Cmd::Sft => run.sft_step(&preset()?)?,
-        Cmd::Export { out } => {
-            run.export_step(&out.clone().unwrap_or_else(|| run_dir(&cli.run, "package")), &preset()?)?
+        Cmd::Grpo => run.grpo_step(&preset()?)?,
+        Cmd::Export { out, policy } => {
+            run.export_step(&out.clone().unwrap_or_else(|| run_dir(&cli.run, "package")), &preset()?, policy)?
         }
         Cmd::Eval => println!("{}", markdown(&run.eval_step(&preset()?, &SETTINGS)?)),
         Cmd::All { synth, install } => {
@@ -128,10 +134,11 @@ fn main() -> Result<()> {
             run.tokenizer_step(p.vocab)?;
             run.judge_step(p.judge_steps)?;
             run.sft_step(&p)?;
-            let package = run_dir(&cli.run, "package");
-            run.export_step(&package, &p)?;
+            run.grpo_step(&p)?;
             let rows = run.eval_step(&p, &SETTINGS)?;
             println!("{}", markdown(&rows));
+            let package = run_dir(&cli.run, "package");
+            run.export_step(&package, &p, run.best_policy(&rows))?;
             if let Some(dest) = install {
                 std::fs::create_dir_all(dest)?;
                 for f in ["model.onnx", "judge.onnx", "tokenizer.json", "manifest.json"] {

@@ -6,7 +6,7 @@
 
 use super::batch::{pad_right, Batch};
 use super::model::{Block, GptConfig, LayerNorm};
-use super::synth::{describe, utility, Pair, UserRecord};
+use super::synth::{describe, make_pair, random_prefs, utility, Pair};
 use crate::tokenizer::TextTokenizer;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{embedding, linear_no_bias, Embedding, Linear, VarBuilder};
@@ -187,11 +187,12 @@ pub fn mean(xs: &[f32]) -> f32 {
     }
 }
 
-/// One judge training example: a description of a random subset of the user's preferences and
+/// One judge training example, drawn fresh from the synthetic world's generator (so the judge
+/// cannot memorise users): a description of a random subset of a random user's preferences and
 /// a pair labelled by the utility over that subset (ties skipped), in random order.
-pub fn sample_example(user: &UserRecord, pairs: &[Pair], rng: &mut impl Rng) -> Option<(String, String, String, u32)> {
-    let pair = pairs.choose(rng)?;
-    let mut prefs = user.prefs.clone();
+pub fn sample_example(rng: &mut impl Rng) -> Option<(String, String, String, u32)> {
+    let mut prefs = random_prefs(3, 8, rng);
+    let (pair, _) = make_pair(&prefs, None, rng);
     prefs.shuffle(rng);
     if rng.gen_bool(0.5) {
         prefs.truncate(rng.gen_range(1..=prefs.len()));
@@ -200,13 +201,9 @@ pub fn sample_example(user: &UserRecord, pairs: &[Pair], rng: &mut impl Rng) -> 
     if du == 0 {
         return None;
     }
-    let (better, worse) = if du > 0 { (&pair.chosen, &pair.rejected) } else { (&pair.rejected, &pair.chosen) };
+    let (better, worse) = if du > 0 { (pair.chosen, pair.rejected) } else { (pair.rejected, pair.chosen) };
     let desc = describe(&prefs, rng);
-    Some(if rng.gen_bool(0.5) {
-        (desc, better.clone(), worse.clone(), 0)
-    } else {
-        (desc, worse.clone(), better.clone(), 1)
-    })
+    Some(if rng.gen_bool(0.5) { (desc, better, worse, 0) } else { (desc, worse, better, 1) })
 }
 
 #[cfg(test)]
@@ -244,7 +241,6 @@ mod tests {
 pub fn train_judge(
     judge: &Judge,
     vars: &candle_nn::VarMap,
-    users: &[(&UserRecord, Vec<Pair>)],
     tok: &TextTokenizer,
     steps: usize,
     batch: usize,
@@ -262,8 +258,7 @@ pub fn train_judge(
     for step in 0..steps {
         let mut ex = Vec::with_capacity(batch);
         while ex.len() < batch {
-            let i = rng.gen_range(0..users.len());
-            if let Some(e) = sample_example(users[i].0, &users[i].1, rng) {
+            if let Some(e) = sample_example(rng) {
                 ex.push(e);
             }
         }

@@ -7,6 +7,7 @@ pub mod dims;
 pub mod eval;
 pub mod export;
 pub mod generate;
+pub mod grpo;
 pub mod judge;
 pub mod model;
 pub mod pipeline;

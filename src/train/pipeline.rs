@@ -5,7 +5,7 @@ use super::eval::{eval_policy, markdown, reference_rows, test_users, EvalRow, Se
 use super::judge::{train_judge, Judge, JudgeConfig, Scorer};
 use super::model::{Gpt, GptConfig};
 use super::sft::{self, TrainConfig};
-use super::synth::{self, Pair, Split, SynthConfig, World};
+use super::synth::{self, SynthConfig, World};
 use crate::prompt::{build_prompt, build_response, TEMPLATE_ID};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::{TextTokenizer, SPECIAL_TOKENS};
@@ -31,6 +31,9 @@ pub struct Preset {
     pub sft_steps: usize,
     pub sft_batch: usize,
     pub sft_lr: f64,
+    pub grpo_steps: usize,
+    pub grpo_prompts: usize,
+    pub grpo_lr: f64,
     pub policy: GptConfig,
     pub eval_users: usize,
     pub max_new_tokens: usize,
@@ -42,11 +45,14 @@ impl Preset {
             users: 1200,
             test_users: 200,
             vocab: 2048,
-            judge_steps: 1500,
+            judge_steps: 2500,
             sft_steps: 1200,
             sft_batch: 16,
             sft_lr: 2e-3,
-            policy: GptConfig { vocab_size: 0, n_layer: 4, n_head: 4, d_model: 128, d_ff: 512, max_positions: 512 },
+            grpo_steps: 60,
+            grpo_prompts: 8,
+            grpo_lr: 5e-5,
+            policy: GptConfig { vocab_size: 0, n_layer: 4, n_head: 4, d_model: 128, d_ff: 512, max_positions: 1536 },
             eval_users: 200,
             max_new_tokens: 160,
         }
@@ -60,7 +66,10 @@ impl Preset {
             sft_steps: 8,
             sft_batch: 8,
             sft_lr: 2e-3,
-            policy: GptConfig { vocab_size: 0, n_layer: 1, n_head: 2, d_model: 32, d_ff: 64, max_positions: 512 },
+            grpo_steps: 2,
+            grpo_prompts: 2,
+            grpo_lr: 5e-5,
+            policy: GptConfig { vocab_size: 0, n_layer: 1, n_head: 2, d_model: 32, d_ff: 64, max_positions: 1536 },
             eval_users: 4,
             max_new_tokens: 24,
         }
@@ -157,32 +166,6 @@ impl Run {
         Ok(tok)
     }
 
-    /// Judge training pairs per train user: its held-out-style pairs plus its own comparison
-    /// signals (their poles are known, so label noise does not leak into the judge).
-    fn judge_pairs<'w>(world: &'w World) -> Vec<(&'w synth::UserRecord, Vec<Pair>)> {
-        let windows = sft::user_windows(world);
-        world
-            .users
-            .iter()
-            .filter(|u| u.split == Split::Train)
-            .map(|u| {
-                let mut pairs = u.test_pairs.clone();
-                for (e, a) in windows.get(u.user_id.as_str()).into_iter().flatten().flatten() {
-                    if let crate::event::EventBody::Comparison { post, chosen, rejected } = &e.body {
-                        pairs.push(Pair {
-                            post: post.clone(),
-                            chosen: chosen.clone(),
-                            rejected: rejected.clone(),
-                            chosen_poles: a.chosen_poles.clone(),
-                            rejected_poles: a.rejected_poles.clone(),
-                        });
-                    }
-                }
-                (u, pairs)
-            })
-            .collect()
-    }
-
     pub fn load_judge(&self) -> Result<(Judge, VarMap)> {
         let cfg: JudgeConfig = read_json(&self.path("judge.json"))?;
         let mut vars = VarMap::new();
@@ -197,10 +180,9 @@ impl Run {
         let cfg = JudgeConfig::small(tok.vocab_size());
         let vars = VarMap::new();
         let judge = Judge::new(&cfg, VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu))?;
-        let train = Self::judge_pairs(&world);
         let pb = bar("judge");
         let curves =
-            train_judge(&judge, &vars, &train, &tok, steps, 64, 3e-3, &mut self.rng(2), &pb)?;
+            train_judge(&judge, &vars, &tok, steps, 64, 3e-3, &mut self.rng(2), &pb)?;
         pb.finish();
         curves.write(&self.dir, "judge_curve")?;
         vars.save(self.path("judge.safetensors"))?;
@@ -215,12 +197,46 @@ impl Run {
         Ok(rows)
     }
 
-    pub fn load_policy(&self) -> Result<(Gpt, VarMap)> {
+    /// `name` is `policy` (SFT) or `policy_grpo` (SFT+GRPO).
+    pub fn load_policy(&self, name: &str) -> Result<(Gpt, VarMap)> {
         let cfg: GptConfig = read_json(&self.path("policy.json"))?;
         let mut vars = VarMap::new();
         let model = sft::new_policy(&cfg, &vars)?;
-        vars.load(self.path("policy.safetensors")).context("loading policy.safetensors")?;
+        vars.load(self.path(&format!("{name}.safetensors"))).with_context(|| format!("loading {name}.safetensors"))?;
         Ok((model, vars))
+    }
+
+    /// Stage 2 from the SFT checkpoint; writes `policy_grpo.safetensors` and `grpo_curve.*`.
+    pub fn grpo_step(&self, preset: &Preset) -> Result<()> {
+        let world = self.world()?;
+        let tok = self.tokenizer()?;
+        let (judge, _) = self.load_judge()?;
+        let scorer = Scorer { judge: &judge, tok: &tok, device: Device::Cpu };
+        let (policy, vars) = self.load_policy("policy")?;
+        let cfg = super::grpo::GrpoConfig {
+            steps: preset.grpo_steps,
+            prompts_per_step: preset.grpo_prompts,
+            group: 4,
+            clip: 0.2,
+            lr: preset.grpo_lr,
+            max_new: preset.max_new_tokens,
+            minibatches: 2,
+        };
+        let pb = bar("grpo");
+        let curves = super::grpo::train(&policy, &vars, &tok, &scorer, &world, &cfg, &mut self.rng(5), &pb)?;
+        pb.finish();
+        curves.write(&self.dir, "grpo_curve")?;
+        vars.save(self.path("policy_grpo.safetensors"))?;
+        Ok(())
+    }
+
+    /// The checkpoint to ship: SFT+GRPO only if it beats SFT-only in streaming 4+4.
+    pub fn best_policy(&self, rows: &[EvalRow]) -> &'static str {
+        let acc = |m: &str| rows.iter().find(|r| r.method == m && r.setting == Setting::Stream44.name()).map(|r| r.acc_jud);
+        match (acc("SFT"), acc("SFT+GRPO")) {
+            (Some(a), Some(b)) if b > a => "policy_grpo",
+            _ => "policy",
+        }
     }
 
     pub fn sft_step(&self, preset: &Preset) -> Result<()> {
@@ -263,9 +279,9 @@ impl Run {
     }
 
     /// Writes a model package: model.onnx, judge.onnx, tokenizer.json, manifest.json.
-    pub fn export_step(&self, out: &Path, preset: &Preset) -> Result<()> {
+    pub fn export_step(&self, out: &Path, preset: &Preset, policy_name: &str) -> Result<()> {
         std::fs::create_dir_all(out)?;
-        let (policy, pvars) = self.load_policy()?;
+        let (policy, pvars) = self.load_policy(policy_name)?;
         let (judge, jvars) = self.load_judge()?;
         super::export::export_policy(&policy.cfg, &weights(&pvars), &out.join("model.onnx"))?;
         super::export::export_judge(&judge.cfg, &weights(&jvars), &out.join("judge.onnx"))?;
@@ -291,7 +307,7 @@ impl Run {
             },
             "policy_config": policy.cfg,
             "judge_config": judge.cfg,
-            "training": { "seed": self.seed, "preset": preset }
+            "training": { "seed": self.seed, "preset": preset, "stages": if policy_name == "policy_grpo" { "sft+grpo" } else { "sft" } }
         });
         write_json(&out.join("manifest.json"), &manifest)?;
         tracing::info!(dir = %out.display(), "model package written");
@@ -303,17 +319,22 @@ impl Run {
         let world = self.world()?;
         let tok = self.tokenizer()?;
         let (judge, _) = self.load_judge()?;
-        let (policy, _) = self.load_policy()?;
         let scorer = Scorer { judge: &judge, tok: &tok, device: Device::Cpu };
         let users = test_users(&world, preset.eval_users);
         let mut rows = reference_rows(&scorer, &users)?;
         let mut rng = self.rng(4);
+        let methods: Vec<(&str, &str)> = [("SFT", "policy"), ("SFT+GRPO", "policy_grpo")]
+            .into_iter()
+            .filter(|m| self.path(&format!("{}.safetensors", m.1)).exists())
+            .collect();
         let pb = bar("eval");
-        pb.set_length(settings.len() as u64);
+        pb.set_length((settings.len() * methods.len()) as u64);
         let mut samples = Vec::new();
-        for &s in settings {
+        for (method, name) in methods {
+          let (policy, _) = self.load_policy(name)?;
+          for &s in settings {
             let (row, descs) = eval_policy(
-                "SFT",
+                method,
                 &policy,
                 &tok,
                 &scorer,
@@ -324,10 +345,11 @@ impl Run {
                 32,
                 &mut rng,
             )?;
-            tracing::info!(setting = s.name(), acc_jud = row.acc_jud, format_rate = row.format_rate, "evaluated");
-            samples.push(serde_json::json!({"setting": s.name(), "user": users[0].0.user_id, "golden": users[0].0.golden, "description": descs[0]}));
+            tracing::info!(method, setting = s.name(), acc_jud = row.acc_jud, format_rate = row.format_rate, "evaluated");
+            samples.push(serde_json::json!({"method": method, "setting": s.name(), "user": users[0].0.user_id, "golden": users[0].0.golden, "description": descs[0]}));
             rows.push(row);
             pb.inc(1);
+          }
         }
         pb.finish();
         write_json(&self.path("eval.json"), &serde_json::json!({"rows": rows, "samples": samples}))?;

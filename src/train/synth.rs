@@ -211,7 +211,7 @@ fn sample_dims(from: &[usize], n: usize, rng: &mut impl Rng) -> Vec<usize> {
 
 /// A comparison pair. `label_noise: None` means a test pair: no noise, ties re-drawn.
 /// Returns the pair and whether its label was flipped by noise.
-fn make_pair(prefs: &[Pref], label_noise: Option<f64>, rng: &mut impl Rng) -> (Pair, bool) {
+pub fn make_pair(prefs: &[Pref], label_noise: Option<f64>, rng: &mut impl Rng) -> (Pair, bool) {
     let active: Vec<usize> = prefs.iter().map(|p| p.dim).collect();
     let inactive: Vec<usize> = (0..dims().len()).filter(|d| !active.contains(d)).collect();
     loop {
@@ -272,6 +272,17 @@ pub(crate) fn timestamp(minutes: i64) -> String {
     (base + chrono::Duration::minutes(minutes)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
+/// k ∈ [min, max] distinct active dimensions with a random stance each, sorted by dimension.
+pub fn random_prefs(min: usize, max: usize, rng: &mut impl Rng) -> Vec<Pref> {
+    let k = rng.gen_range(min..=max);
+    let mut prefs: Vec<Pref> = rand::seq::index::sample(rng, dims().len(), k)
+        .into_iter()
+        .map(|dim| Pref { dim, dir: if rng.gen_bool(0.5) { 1 } else { -1 } })
+        .collect();
+    prefs.sort_by_key(|p| p.dim);
+    prefs
+}
+
 pub fn generate(cfg: &SynthConfig) -> World {
     let n_dims = dims().len();
     let max_active = cfg.max_active.clamp(1, n_dims - 2);
@@ -284,12 +295,7 @@ pub fn generate(cfg: &SynthConfig) -> World {
     for i in 0..cfg.users {
         let mut rng = StdRng::seed_from_u64(user_seed(cfg.seed, i));
         let user_id = format!("u{}-{i:05}", cfg.seed);
-        let k = rng.gen_range(min_active..=max_active);
-        let mut prefs: Vec<Pref> = rand::seq::index::sample(&mut rng, n_dims, k)
-            .into_iter()
-            .map(|dim| Pref { dim, dir: if rng.gen_bool(0.5) { 1 } else { -1 } })
-            .collect();
-        prefs.sort_by_key(|p| p.dim);
+        let prefs = random_prefs(min_active, max_active, &mut rng);
         let golden = describe(&prefs, &mut rng);
 
         // Users are a day apart; a user's signals a few minutes apart.

@@ -1,0 +1,205 @@
+//! Batched generation on a `DecoderSession`: left padding + attention mask, positions from the
+//! mask, per-row stop at `</answer>` / `<eos>`, and the cache handed from step to step.
+
+use std::time::Instant;
+
+use rand::{rngs::StdRng, SeedableRng};
+
+use super::session::{DecoderSession, StepInput};
+use super::Result;
+use crate::sampling::{sample, SamplingParams};
+use crate::tokenizer::TextTokenizer;
+
+/// Why a row stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Produced `</answer>` or `<eos>`.
+    StopToken,
+    MaxTokens,
+    /// The prompt leaves no room under the model's position limit.
+    ContextFull,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output {
+    /// Generated ids (no prompt), ending with the stop token if one was produced.
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub stop: Stop,
+}
+
+/// Counters a bench reports; accumulated until `take_stats`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenStats {
+    pub steps: usize,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    /// Host copies made by our code (building inputs, reading logits); the cache is never copied
+    /// when `use_cache` is on.
+    pub bytes_copied: usize,
+    pub model_ms: f64,
+}
+
+/// How one row picks its next token.
+pub struct RowSampler {
+    pub params: SamplingParams,
+    pub rng: StdRng,
+}
+
+pub struct Generator {
+    session: DecoderSession,
+    tokenizer: TextTokenizer,
+    pub max_new_tokens: usize,
+    pub max_positions: Option<usize>,
+    /// Off: re-feed the whole sequence every step without a cache (reference path for benches).
+    pub use_cache: bool,
+    stats: GenStats,
+}
+
+impl Generator {
+    pub fn new(
+        session: DecoderSession,
+        tokenizer: TextTokenizer,
+        max_new_tokens: usize,
+        max_positions: Option<usize>,
+    ) -> Self {
+        Self { session, tokenizer, max_new_tokens, max_positions, use_cache: true, stats: GenStats::default() }
+    }
+
+    pub fn tokenizer(&self) -> &TextTokenizer {
+        &self.tokenizer
+    }
+
+    pub fn session(&self) -> &DecoderSession {
+        &self.session
+    }
+
+    pub fn take_stats(&mut self) -> GenStats {
+        std::mem::take(&mut self.stats)
+    }
+
+    /// Generates for each prompt. One RNG seeded with `seed` is shared by the rows in order
+    /// (as `train::generate` does), so greedy and seeded sampling match the candle policy.
+    pub fn generate(&mut self, prompts: &[String], params: &SamplingParams, seed: u64) -> Result<Vec<Output>> {
+        let ids: Vec<Vec<u32>> = prompts.iter().map(|p| self.tokenizer.encode(p)).collect();
+        let mut rng = StdRng::seed_from_u64(seed);
+        self.generate_ids(&ids, |_, logits| sample(logits, params, &mut rng))
+    }
+
+    /// Generates with an own sampler per row, so a row's output does not depend on which other
+    /// requests share its batch (the batcher's case).
+    pub fn generate_rows(&mut self, prompts: &[String], samplers: &mut [RowSampler]) -> Result<Vec<Output>> {
+        let ids: Vec<Vec<u32>> = prompts.iter().map(|p| self.tokenizer.encode(p)).collect();
+        self.generate_ids(&ids, |row, logits| {
+            let s = &mut samplers[row];
+            sample(logits, &s.params, &mut s.rng)
+        })
+    }
+
+    /// The loop on token ids. `pick(row, logits)` is called only for unfinished rows, in order.
+    pub fn generate_ids(
+        &mut self,
+        prompts: &[Vec<u32>],
+        mut pick: impl FnMut(usize, &[f32]) -> u32,
+    ) -> Result<Vec<Output>> {
+        let n = prompts.len();
+        let (pad, eos, close) = (self.tokenizer.pad, self.tokenizer.eos, self.tokenizer.answer_close);
+        let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let mut out: Vec<Output> =
+            (0..n).map(|_| Output { tokens: vec![], text: String::new(), stop: Stop::MaxTokens }).collect();
+        // Learned positions end at max_positions: leave what fits (candle's rule).
+        let room = self.max_positions.map_or(usize::MAX, |m| m.saturating_sub(width));
+        let max_new = self.max_new_tokens.min(room);
+        if n == 0 || width == 0 || max_new == 0 {
+            let stop = if room == 0 { Stop::ContextFull } else { Stop::MaxTokens };
+            out.iter_mut().for_each(|o| o.stop = stop);
+            return Ok(out);
+        }
+        // Left padding: every row's last token sits in the last column.
+        let mut seqs: Vec<Vec<i64>> = prompts
+            .iter()
+            .map(|p| {
+                std::iter::repeat_n(i64::from(pad), width - p.len()).chain(p.iter().map(|&t| i64::from(t))).collect()
+            })
+            .collect();
+        let mut mask: Vec<Vec<i64>> =
+            prompts.iter().map(|p| (0..width).map(|j| i64::from(j >= width - p.len())).collect()).collect();
+        self.stats.prompt_tokens += prompts.iter().map(Vec::len).sum::<usize>();
+
+        let mut past = self.session.empty_cache(n)?;
+        let mut fed = 0; // columns already in the cache
+        let mut done = vec![false; n];
+        for step in 0..max_new {
+            let from = if self.use_cache { fed } else { 0 };
+            let ids: Vec<i64> = seqs.iter().flat_map(|r| r[from..].iter().copied()).collect();
+            let flat_mask: Vec<i64> = mask.iter().flatten().copied().collect();
+            let positions: Vec<i64> = mask.iter().flat_map(|r| positions(r, from)).collect();
+            if !self.use_cache {
+                past = self.session.empty_cache(n)?;
+            }
+            let t0 = Instant::now();
+            let input = StepInput { batch: n, ids: &ids, mask: &flat_mask, positions: &positions };
+            let res = self.session.step(&input, &past, self.use_cache && step > 0)?;
+            self.stats.model_ms += t0.elapsed().as_secs_f64() * 1e3;
+            self.stats.steps += 1;
+            self.stats.bytes_copied += res.bytes_copied;
+            if self.use_cache {
+                past = res.presents; // moved, never copied
+                fed = seqs[0].len();
+            }
+            for i in 0..n {
+                let t = if done[i] {
+                    pad // finished rows keep stepping; their tokens are ignored
+                } else {
+                    let t = pick(i, &res.logits[i * res.vocab..(i + 1) * res.vocab]);
+                    out[i].tokens.push(t);
+                    if t == close || t == eos {
+                        done[i] = true;
+                        out[i].stop = Stop::StopToken;
+                    }
+                    t
+                };
+                seqs[i].push(i64::from(t));
+                mask[i].push(1);
+            }
+            if done.iter().all(|&d| d) {
+                break;
+            }
+        }
+        for o in out.iter_mut() {
+            self.stats.generated_tokens += o.tokens.len();
+            o.text = self.tokenizer.decode(&o.tokens);
+        }
+        Ok(out)
+    }
+}
+
+/// Position ids of columns `from..` for one left-padded row: real tokens before each column
+/// (as `train::model::positions_from_mask`).
+fn positions(mask_row: &[i64], from: usize) -> impl Iterator<Item = i64> + '_ {
+    let before: i64 = mask_row[..from].iter().sum();
+    mask_row[from..].iter().scan(before, |seen, &m| {
+        let p = if m == 1 { *seen } else { 0 };
+        *seen += m;
+        Some(p)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::positions;
+    use crate::train::model::positions_from_mask;
+
+    #[test]
+    fn positions_match_training() {
+        let rows = vec![vec![0u32, 0, 1, 1, 1, 1], vec![1, 1, 1, 1, 1, 1]];
+        for from in [0, 3, 5] {
+            let want = positions_from_mask(&rows, from);
+            for (r, w) in rows.iter().zip(&want) {
+                let r: Vec<i64> = r.iter().map(|&m| i64::from(m)).collect();
+                let got: Vec<i64> = positions(&r, from).collect();
+                assert_eq!(got, w.iter().map(|&p| i64::from(p)).collect::<Vec<_>>());
+            }
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! The inference engine: an ONNX Runtime decoder (graph discovered at load time), batched
+//! generation with the KV cache, and a model thread fed through a bounded channel.
+//!
+//! - `session`: open a decoder, discover its cache layout, run one forward step.
+//! - `generate`: the batched generation loop (left padding, stop tokens, sampling).
+//! - `batcher`: the model thread and the cloneable `EngineHandle` services call.
+
+pub mod batcher;
+pub mod generate;
+pub mod session;
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::event::EventBody;
+use crate::prompt::{parse_output, TEMPLATE_ID};
+use crate::runtime::{Device, RuntimeError};
+use crate::sampling::SamplingParams;
+use crate::tokenizer::{TextTokenizer, TokenizerError};
+
+pub use batcher::{BatcherConfig, Engine, EngineHandle};
+pub use generate::{GenStats, Generator, Output, Stop};
+pub use session::{DecoderSession, GraphSpec};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error("model package {dir}: {message}")]
+    Package { dir: PathBuf, message: String },
+    #[error("model graph {path}: {message}")]
+    Graph { path: PathBuf, message: String },
+    #[error("onnx runtime: {0}")]
+    Ort(#[from] ort::Error),
+    #[error("inference failed: {0}")]
+    Failed(String),
+    #[error("the engine thread has stopped")]
+    Stopped,
+}
+
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+/// What `manifest.json` says that serving needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Manifest {
+    pub name: String,
+    pub version: String,
+    pub template: String,
+    pub max_new_tokens: usize,
+    /// Learned-position models cannot go past this; `None` for rotary models (no limit known).
+    pub max_positions: Option<usize>,
+    pub model_file: String,
+    pub tokenizer_file: String,
+}
+
+impl Manifest {
+    pub fn load(dir: &Path) -> Result<Self> {
+        let bad = |message: String| EngineError::Package { dir: dir.to_path_buf(), message };
+        let path = dir.join("manifest.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("manifest.json: {e}")))?;
+        let string =
+            |key: &str| v[key].as_str().map(str::to_string).ok_or_else(|| bad(format!("manifest lacks `{key}`")));
+        let m = Self {
+            name: string("name")?,
+            version: string("version")?,
+            template: string("template")?,
+            max_new_tokens: v["generation"]["max_new_tokens"]
+                .as_u64()
+                .ok_or_else(|| bad("manifest lacks `generation.max_new_tokens`".into()))?
+                as usize,
+            max_positions: v["policy_config"]["max_positions"].as_u64().map(|n| n as usize),
+            model_file: v["model"].as_str().unwrap_or("model.onnx").to_string(),
+            tokenizer_file: v["tokenizer"].as_str().unwrap_or("tokenizer.json").to_string(),
+        };
+        // A model is trained for exactly one prompt template: refuse a mismatch up front.
+        if m.template != TEMPLATE_ID {
+            return Err(bad(format!("template `{}` is not the one this build serves (`{TEMPLATE_ID}`)", m.template)));
+        }
+        Ok(m)
+    }
+}
+
+/// Loads a package directory into a ready generator.
+pub fn load_package(dir: &Path, device: &Device) -> Result<(Manifest, Generator)> {
+    let manifest = Manifest::load(dir)?;
+    let tokenizer = TextTokenizer::load(&dir.join(&manifest.tokenizer_file))?;
+    let session = DecoderSession::open(&dir.join(&manifest.model_file), device)?;
+    let generator = Generator::new(session, tokenizer, manifest.max_new_tokens, manifest.max_positions);
+    Ok((manifest, generator))
+}
+
+/// One inference request: the previous description plus the newest signals.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub previous: Option<String>,
+    pub signals: Vec<EventBody>,
+    pub sampling: SamplingParams,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct InferResult {
+    /// The new description; `None` when the output failed the format check.
+    pub description: Option<String>,
+    pub reasoning: String,
+    pub format_ok: bool,
+    pub format_error: Option<String>,
+    /// Everything generated after the prompt, tags included.
+    pub raw: String,
+    /// Generated tokens.
+    pub tokens: usize,
+    pub latency_ms: f64,
+}
+
+impl InferResult {
+    pub fn from_output(out: &Output, latency_ms: f64) -> Self {
+        let parsed = parse_output(&out.text);
+        let format_error = match (&parsed.error, out.stop) {
+            (_, Stop::ContextFull) => Some("prompt does not fit the model's context".to_string()),
+            (Some(e), _) => Some(e.to_string()),
+            (None, _) => None,
+        };
+        Self {
+            format_ok: format_error.is_none(),
+            description: parsed.description.filter(|_| format_error.is_none()),
+            reasoning: parsed.reasoning,
+            format_error,
+            raw: out.text.clone(),
+            tokens: out.tokens.len(),
+            latency_ms,
+        }
+    }
+}
