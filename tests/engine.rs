@@ -130,8 +130,8 @@ fn cache_and_no_cache_agree() {
 fn batcher_answers_concurrent_requests() {
     let dir = tempfile::tempdir().unwrap();
     package(dir.path());
-    let handle =
-        Engine::spawn(dir.path(), OrtDevice::Cpu, BatcherConfig { max_batch: 4, max_wait_ms: 50, queue: 8 }).unwrap();
+    let handle = Engine::spawn(dir.path(), OrtDevice::Cpu, BatcherConfig { max_batch: 4, max_wait_ms: 50, queue: 8 })
+        .unwrap_or_else(|e| panic!("{e}"));
     let request = |i: usize| Request {
         previous: (i % 2 == 1).then(|| "likes tea".to_string()),
         signals: (0..=i % 3).map(|k| signal(i + k)).collect(),

@@ -41,7 +41,7 @@ struct SynthArgs {
     #[arg(long, env = "PREFSTREAM_LABEL_NOISE", default_value_t = 0.1)]
     label_noise: f64,
     /// Signal events per user.
-    #[arg(long, env = "PREFSTREAM_SIGNALS", default_value_t = 16)]
+    #[arg(long, env = "PREFSTREAM_SIGNALS", default_value_t = 20)]
     signals_per_user: usize,
     /// Import real AlignX JSON/JSONL instead of generating a synthetic world.
     #[arg(long, env = "PREFSTREAM_ALIGNX")]
@@ -69,8 +69,12 @@ enum Cmd {
         #[arg(long, env = "PREFSTREAM_POLICY", default_value = "policy")]
         policy: String,
     },
-    /// Acc_jud of the SFT policy on held-out users (base-4, base-8, streaming 4+4).
-    Eval,
+    /// Acc_jud of the trained policies on held-out users (base-4, base-8, streaming 4+4).
+    Eval {
+        /// Also the robustness (reversal, drift) and efficiency (time per update) studies.
+        #[arg(long, env = "PREFSTREAM_STUDIES")]
+        studies: bool,
+    },
     /// The whole chain from the seed.
     All {
         #[command(flatten)]
@@ -126,7 +130,7 @@ fn main() -> Result<()> {
         Cmd::Export { out, policy } => {
             run.export_step(&out.clone().unwrap_or_else(|| run_dir(&cli.run, "package")), &preset()?, policy)?
         }
-        Cmd::Eval => println!("{}", markdown(&run.eval_step(&preset()?, &SETTINGS)?)),
+        Cmd::Eval { studies } => println!("{}", markdown(&run.eval_step(&preset()?, &SETTINGS, *studies)?)),
         Cmd::All { synth, install } => {
             let p = preset()?;
             run.set_preset(&p)?;
@@ -135,7 +139,7 @@ fn main() -> Result<()> {
             run.judge_step(p.judge_steps)?;
             run.sft_step(&p)?;
             run.grpo_step(&p)?;
-            let rows = run.eval_step(&p, &SETTINGS)?;
+            let rows = run.eval_step(&p, &SETTINGS, true)?;
             println!("{}", markdown(&rows));
             let package = run_dir(&cli.run, "package");
             run.export_step(&package, &p, run.best_policy(&rows))?;

@@ -1,17 +1,19 @@
 //! Acc_jud evaluation on held-out users: the policy's descriptions (and references: Null,
 //! raw signals E, Golden) scored by the judge on each user's held-out pairs, both A/B orders.
+//! Also the paper's robustness (reversal, drift) and efficiency (time per update) studies.
 
 use super::generate::generate;
 use super::judge::{mean, Scorer};
 use super::model::Gpt;
 use super::sft::user_windows;
-use super::synth::{Split, UserRecord, World};
+use super::synth::{render_ugc, Annotation, Pref, Split, UserRecord, World};
 use crate::event::EventBody;
 use crate::prompt::{build_prompt, parse_output, NOT_PROVIDED};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::TextTokenizer;
 use rand::Rng;
 use serde::Serialize;
+use std::time::Instant;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub enum Setting {
@@ -43,8 +45,50 @@ pub struct EvalRow {
     pub pairs: usize,
 }
 
-/// Held-out users with their first two windows of signals.
-pub fn test_users(world: &World, limit: usize) -> Vec<(&UserRecord, Vec<&EventBody>, Vec<&EventBody>)> {
+/// A held-out user with all its signals in order (and their ground truth, for the
+/// robustness variants).
+#[derive(Clone)]
+pub struct EvalUser {
+    pub user: UserRecord,
+    pub signals: Vec<(EventBody, Annotation)>,
+}
+
+impl EvalUser {
+    /// Signals `from..to` (clamped).
+    pub fn span(&self, from: usize, to: usize) -> Vec<&EventBody> {
+        self.signals[from.min(self.signals.len())..to.min(self.signals.len())].iter().map(|s| &s.0).collect()
+    }
+
+    /// The same user after a preference reversal of its first `n` signals (the user now
+    /// prefers what it rejected), and of its held-out pairs when `pairs` is set.
+    pub fn reversed(&self, n: usize, pairs: bool, rng: &mut impl Rng) -> EvalUser {
+        let mut out = self.clone();
+        for (body, ann) in out.signals.iter_mut().take(n) {
+            match body {
+                EventBody::Comparison { chosen, rejected, .. } => {
+                    std::mem::swap(chosen, rejected);
+                    std::mem::swap(&mut ann.chosen_poles, &mut ann.rejected_poles);
+                }
+                EventBody::Ugc { text } => {
+                    ann.ugc_poles = ann.ugc_poles.iter().map(|p| Pref { dim: p.dim, dir: -p.dir }).collect();
+                    *text = render_ugc(&ann.ugc_poles, rng);
+                }
+                EventBody::Forget => {}
+            }
+        }
+        if pairs {
+            out.user.prefs.iter_mut().for_each(|p| p.dir = -p.dir);
+            for p in out.user.test_pairs.iter_mut() {
+                std::mem::swap(&mut p.chosen, &mut p.rejected);
+                std::mem::swap(&mut p.chosen_poles, &mut p.rejected_poles);
+            }
+        }
+        out
+    }
+}
+
+/// Held-out users that have at least 8 signals.
+pub fn test_users(world: &World, limit: usize) -> Vec<EvalUser> {
     let windows = user_windows(world);
     world
         .users
@@ -52,22 +96,18 @@ pub fn test_users(world: &World, limit: usize) -> Vec<(&UserRecord, Vec<&EventBo
         .filter(|u| u.split == Split::Test)
         .filter_map(|u| {
             let ws = windows.get(u.user_id.as_str())?;
-            (ws.len() >= 2)
-                .then(|| (u, ws[0].iter().map(|x| &x.0.body).collect(), ws[1].iter().map(|x| &x.0.body).collect()))
+            let signals: Vec<_> = ws.iter().flatten().map(|(e, a)| (e.body.clone(), (*a).clone())).collect();
+            (signals.len() >= 8).then(|| EvalUser { user: u.clone(), signals })
         })
         .take(limit)
         .collect()
 }
 
-fn score_descriptions(
-    scorer: &Scorer,
-    users: &[(&UserRecord, Vec<&EventBody>, Vec<&EventBody>)],
-    descs: &[Option<String>],
-) -> anyhow::Result<(f32, usize)> {
+fn score_descriptions(scorer: &Scorer, users: &[EvalUser], descs: &[Option<String>]) -> anyhow::Result<(f32, usize)> {
     let jobs: Vec<(&str, &[_])> = users
         .iter()
         .zip(descs)
-        .map(|(u, d)| (d.as_deref().unwrap_or(NOT_PROVIDED), u.0.test_pairs.as_slice()))
+        .map(|(u, d)| (d.as_deref().unwrap_or(NOT_PROVIDED), u.user.test_pairs.as_slice()))
         .collect();
     let scores = scorer.many_pair_scores(&jobs)?;
     // A description that failed the format check scores 0 (R = R_jud · R_format).
@@ -77,12 +117,9 @@ fn score_descriptions(
 }
 
 /// Reference rows that need no policy: Null, raw signals E (8 signals as the description), Golden.
-pub fn reference_rows(
-    scorer: &Scorer,
-    users: &[(&UserRecord, Vec<&EventBody>, Vec<&EventBody>)],
-) -> anyhow::Result<Vec<EvalRow>> {
-    let raw = |u: &(&UserRecord, Vec<&EventBody>, Vec<&EventBody>)| {
-        let p = build_prompt(None, u.1.iter().chain(&u.2).copied());
+pub fn reference_rows(scorer: &Scorer, users: &[EvalUser]) -> anyhow::Result<Vec<EvalRow>> {
+    let raw = |u: &EvalUser| {
+        let p = build_prompt(None, u.span(0, 8));
         let start = p.find("Signals:\n").map(|i| i + 9).unwrap_or(0);
         let end = p.find("Reason about").unwrap_or(p.len());
         Some(p[start..end].trim().to_string())
@@ -90,7 +127,7 @@ pub fn reference_rows(
     let sets: [(&str, Vec<Option<String>>); 3] = [
         ("Null", users.iter().map(|_| Some(NOT_PROVIDED.to_string())).collect()),
         ("Raw signals E", users.iter().map(raw).collect()),
-        ("Golden", users.iter().map(|u| Some(u.0.golden.clone())).collect()),
+        ("Golden", users.iter().map(|u| Some(u.user.golden.clone())).collect()),
     ];
     sets.into_iter()
         .map(|(name, descs)| {
@@ -107,53 +144,147 @@ pub fn reference_rows(
         .collect()
 }
 
-/// Run the policy in one setting and score its final descriptions.
-#[allow(clippy::too_many_arguments)]
-pub fn eval_policy(
-    method: &str,
-    model: &Gpt,
-    tok: &TextTokenizer,
-    scorer: &Scorer,
-    users: &[(&UserRecord, Vec<&EventBody>, Vec<&EventBody>)],
-    setting: Setting,
-    params: &SamplingParams,
-    max_new: usize,
-    batch: usize,
-    rng: &mut impl Rng,
-) -> anyhow::Result<(EvalRow, Vec<Option<String>>)> {
-    let run = |prompts: Vec<String>, rng: &mut _| -> anyhow::Result<Vec<Option<String>>> {
+/// Generation settings shared by the studies.
+pub struct Policy<'a> {
+    pub model: &'a Gpt,
+    pub tok: &'a TextTokenizer,
+    pub params: SamplingParams,
+    pub max_new: usize,
+    pub batch: usize,
+}
+
+impl Policy<'_> {
+    /// Descriptions (None where the format check failed) for each prompt.
+    pub fn describe(&self, prompts: &[String], rng: &mut impl Rng) -> anyhow::Result<Vec<Option<String>>> {
         let mut out = Vec::with_capacity(prompts.len());
-        for chunk in prompts.chunks(batch) {
-            let ids: Vec<Vec<u32>> = chunk.iter().map(|p| tok.encode(p)).collect();
-            for g in generate(model, tok, &ids, max_new, params, rng)? {
+        for chunk in prompts.chunks(self.batch) {
+            let ids: Vec<Vec<u32>> = chunk.iter().map(|p| self.tok.encode(p)).collect();
+            for g in generate(self.model, self.tok, &ids, self.max_new, &self.params, rng)? {
                 out.push(parse_output(&g.text).description);
             }
         }
         Ok(out)
-    };
-    let descs = match setting {
-        Setting::Base4 => run(users.iter().map(|u| build_prompt(None, u.1.iter().copied())).collect(), rng)?,
-        Setting::Base8 => {
-            run(users.iter().map(|u| build_prompt(None, u.1.iter().chain(&u.2).copied())).collect(), rng)?
+    }
+
+    /// Final descriptions of each user in one setting.
+    pub fn run(&self, users: &[EvalUser], setting: Setting, rng: &mut impl Rng) -> anyhow::Result<Vec<Option<String>>> {
+        let base = |from, to| users.iter().map(|u| build_prompt(None, u.span(from, to))).collect::<Vec<_>>();
+        match setting {
+            Setting::Base4 => self.describe(&base(0, 4), rng),
+            Setting::Base8 => self.describe(&base(0, 8), rng),
+            Setting::Stream44 => {
+                let first = self.describe(&base(0, 4), rng)?;
+                let second: Vec<String> =
+                    users.iter().zip(&first).map(|(u, d)| build_prompt(d.as_deref(), u.span(4, 8))).collect();
+                self.describe(&second, rng)
+            }
         }
-        Setting::Stream44 => {
-            let first = run(users.iter().map(|u| build_prompt(None, u.1.iter().copied())).collect(), rng)?;
-            run(users.iter().zip(&first).map(|(u, d)| build_prompt(d.as_deref(), u.2.iter().copied())).collect(), rng)?
-        }
-    };
+    }
+}
+
+/// Run the policy in one setting and score its final descriptions.
+pub fn eval_policy(
+    method: &str,
+    policy: &Policy,
+    scorer: &Scorer,
+    users: &[EvalUser],
+    setting: Setting,
+    rng: &mut impl Rng,
+) -> anyhow::Result<(EvalRow, Vec<Option<String>>)> {
+    let descs = policy.run(users, setting, rng)?;
     let (acc, pairs) = score_descriptions(scorer, users, &descs)?;
     let ok = descs.iter().filter(|d| d.is_some()).count() as f32 / descs.len().max(1) as f32;
-    Ok((
-        EvalRow {
-            method: method.into(),
-            setting: setting.name().into(),
-            acc_jud: acc,
-            format_rate: ok,
-            users: users.len(),
-            pairs,
-        },
-        descs,
-    ))
+    let row = EvalRow {
+        method: method.into(),
+        setting: setting.name().into(),
+        acc_jud: acc,
+        format_rate: ok,
+        users: users.len(),
+        pairs,
+    };
+    Ok((row, descs))
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RobustRow {
+    pub method: String,
+    pub variant: String,
+    pub setting: String,
+    pub acc_jud: f32,
+}
+
+/// Table 4 / Figure 2 of the paper: full reversal (signals and pairs), and drift (the earliest
+/// k of 8 signals reversed, pairs unchanged), streaming 4+4 vs base-8.
+pub fn robustness(
+    method: &str,
+    policy: &Policy,
+    scorer: &Scorer,
+    users: &[EvalUser],
+    rng: &mut impl Rng,
+) -> anyhow::Result<Vec<RobustRow>> {
+    let mut variants: Vec<(String, Vec<EvalUser>)> =
+        vec![("reversal".into(), users.iter().map(|u| u.reversed(8, true, rng)).collect())];
+    for k in 0..=4 {
+        variants.push((format!("drift k={k}"), users.iter().map(|u| u.reversed(k, false, rng)).collect()));
+    }
+    let mut rows = Vec::new();
+    for (name, us) in &variants {
+        for s in [Setting::Base8, Setting::Stream44] {
+            let (row, _) = eval_policy(method, policy, scorer, us, s, rng)?;
+            rows.push(RobustRow {
+                method: method.into(),
+                variant: name.clone(),
+                setting: s.name().into(),
+                acc_jud: row.acc_jud,
+            });
+        }
+    }
+    Ok(rows)
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct EfficiencyRow {
+    pub round: usize,
+    pub signals_seen: usize,
+    pub streaming_ms_per_update: f64,
+    pub base_ms_per_update: f64,
+    pub streaming_prompt_tokens: f64,
+    pub base_prompt_tokens: f64,
+}
+
+/// Figure 3: mean time per update over rounds (4 new signals a round). Streaming reads the
+/// previous description + 4 signals; base re-reads every signal so far.
+pub fn efficiency(
+    policy: &Policy,
+    users: &[EvalUser],
+    rounds: usize,
+    rng: &mut impl Rng,
+) -> anyhow::Result<Vec<EfficiencyRow>> {
+    let users: Vec<&EvalUser> = users.iter().filter(|u| u.signals.len() >= 4 * rounds).collect();
+    let n = users.len().max(1) as f64;
+    let mut prev: Vec<Option<String>> = vec![None; users.len()];
+    let mut rows = Vec::new();
+    let tokens = |ps: &[String]| ps.iter().map(|p| policy.tok.encode(p).len()).sum::<usize>() as f64 / n;
+    for r in 1..=rounds {
+        let stream: Vec<String> =
+            users.iter().zip(&prev).map(|(u, d)| build_prompt(d.as_deref(), u.span(4 * (r - 1), 4 * r))).collect();
+        let base: Vec<String> = users.iter().map(|u| build_prompt(None, u.span(0, 4 * r))).collect();
+        let t = Instant::now();
+        prev = policy.describe(&stream, rng)?;
+        let stream_ms = t.elapsed().as_secs_f64() * 1e3 / n;
+        let t = Instant::now();
+        policy.describe(&base, rng)?;
+        let base_ms = t.elapsed().as_secs_f64() * 1e3 / n;
+        rows.push(EfficiencyRow {
+            round: r,
+            signals_seen: 4 * r,
+            streaming_ms_per_update: stream_ms,
+            base_ms_per_update: base_ms,
+            streaming_prompt_tokens: tokens(&stream),
+            base_prompt_tokens: tokens(&base),
+        });
+    }
+    Ok(rows)
 }
 
 pub fn markdown(rows: &[EvalRow]) -> String {

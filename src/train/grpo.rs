@@ -43,7 +43,13 @@ pub fn advantages(rewards: &[f32], group: usize) -> Vec<f32> {
 }
 
 /// PPO clipped surrogate, negated for minimisation, averaged over response tokens.
-pub fn clipped_loss(new_lp: &Tensor, old_lp: &Tensor, adv: &Tensor, mask: &Tensor, clip: f64) -> candle_core::Result<Tensor> {
+pub fn clipped_loss(
+    new_lp: &Tensor,
+    old_lp: &Tensor,
+    adv: &Tensor,
+    mask: &Tensor,
+    clip: f64,
+) -> candle_core::Result<Tensor> {
     let ratio = (new_lp - old_lp)?.exp()?;
     let adv = adv.unsqueeze(1)?.broadcast_as(ratio.shape())?;
     let unclipped = (&ratio * &adv)?;
@@ -106,8 +112,7 @@ pub fn train(
             }
         }
         // G samples per prompt.
-        let ids: Vec<Vec<u32>> =
-            prompts.iter().flat_map(|p| std::iter::repeat_n(tok.encode(p), cfg.group)).collect();
+        let ids: Vec<Vec<u32>> = prompts.iter().flat_map(|p| std::iter::repeat_n(tok.encode(p), cfg.group)).collect();
         let outs = generate(model, tok, &ids, cfg.max_new, &sampling, rng)?;
         let parsed: Vec<_> = outs.iter().map(|o| parse_output(&o.text)).collect();
         let jobs: Vec<(&str, &[_])> = parsed
@@ -131,7 +136,8 @@ pub fn train(
         let rewards: Vec<f32> = rollouts.iter().map(|r| r.reward).collect();
         let adv = advantages(&rewards, cfg.group);
         let mut losses = Vec::new();
-        let live: Vec<usize> = (0..rollouts.len()).filter(|&i| adv[i] != 0.0 && !rollouts[i].tokens.is_empty()).collect();
+        let live: Vec<usize> =
+            (0..rollouts.len()).filter(|&i| adv[i] != 0.0 && !rollouts[i].tokens.is_empty()).collect();
         let per = live.len().div_ceil(cfg.minibatches.max(1)).max(1);
         for mb in live.chunks(per) {
             let seqs: Vec<(Vec<u32>, Vec<u32>)> =

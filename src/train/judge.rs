@@ -206,6 +206,56 @@ pub fn sample_example(rng: &mut impl Rng) -> Option<(String, String, String, u32
     Some(if rng.gen_bool(0.5) { (desc, better, worse, 0) } else { (desc, worse, better, 1) })
 }
 
+/// Train the judge on freshly generated examples (see `sample_example`). Returns the loss/accuracy curve.
+pub fn train_judge(
+    judge: &Judge,
+    vars: &candle_nn::VarMap,
+    tok: &TextTokenizer,
+    cfg: &super::sft::TrainConfig,
+    rng: &mut impl Rng,
+    progress: &indicatif::ProgressBar,
+) -> anyhow::Result<super::curves::Curves> {
+    use candle_nn::Optimizer;
+    let dev = Device::Cpu;
+    let mut opt = candle_nn::AdamW::new(
+        vars.all_vars(),
+        candle_nn::ParamsAdamW { lr: cfg.lr, weight_decay: 0.0, ..Default::default() },
+    )?;
+    let (steps, batch) = (cfg.steps, cfg.batch);
+    let mut curves = super::curves::Curves::new(&["loss", "train_acc"]);
+    progress.set_length(steps as u64);
+    for step in 0..steps {
+        let mut ex = Vec::with_capacity(batch);
+        while ex.len() < batch {
+            if let Some(e) = sample_example(rng) {
+                ex.push(e);
+            }
+        }
+        let d: Vec<_> = ex.iter().map(|x| enc(tok, &x.0, MAX_DESC_TOKENS)).collect();
+        let a: Vec<_> = ex.iter().map(|x| enc(tok, &x.1, MAX_RESP_TOKENS)).collect();
+        let b: Vec<_> = ex.iter().map(|x| enc(tok, &x.2, MAX_RESP_TOKENS)).collect();
+        let ((di, dm), (ai, am), (bi, bm)) = (
+            pad_right(&d, tok.pad).tensors(&dev)?,
+            pad_right(&a, tok.pad).tensors(&dev)?,
+            pad_right(&b, tok.pad).tensors(&dev)?,
+        );
+        let labels = Tensor::new(ex.iter().map(|x| x.3).collect::<Vec<u32>>(), &dev)?;
+        let logits = judge.forward(&di, &dm, &ai, &am, &bi, &bm)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+        opt.set_learning_rate(super::sft::lr_at(step, cfg));
+        opt.backward_step(&loss)?;
+        let acc = logits.argmax(D::Minus1)?.eq(&labels)?.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()?;
+        let l = loss.to_scalar::<f32>()?;
+        curves.push(step + 1, vec![l as f64, acc as f64]);
+        progress.set_message(format!("loss {l:.3} acc {acc:.2}"));
+        if (step + 1) % (steps / 10).max(1) == 0 {
+            tracing::info!(step = step + 1, loss = l, acc, "judge");
+        }
+        progress.inc(1);
+    }
+    Ok(curves)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,55 +284,4 @@ mod tests {
             assert!(g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0, "{name}: zero gradient");
         }
     }
-}
-
-/// Train the judge on train users (golden descriptions and subsets of them, fresh paraphrases
-/// every step). Returns the loss/accuracy curve.
-pub fn train_judge(
-    judge: &Judge,
-    vars: &candle_nn::VarMap,
-    tok: &TextTokenizer,
-    steps: usize,
-    batch: usize,
-    lr: f64,
-    rng: &mut impl Rng,
-    progress: &indicatif::ProgressBar,
-) -> anyhow::Result<super::curves::Curves> {
-    use candle_nn::Optimizer;
-    let dev = Device::Cpu;
-    let mut opt =
-        candle_nn::AdamW::new(vars.all_vars(), candle_nn::ParamsAdamW { lr, weight_decay: 0.0, ..Default::default() })?;
-    let cfg = super::sft::TrainConfig { steps, batch, lr, warmup: steps / 20 };
-    let mut curves = super::curves::Curves::new(&["loss", "train_acc"]);
-    progress.set_length(steps as u64);
-    for step in 0..steps {
-        let mut ex = Vec::with_capacity(batch);
-        while ex.len() < batch {
-            if let Some(e) = sample_example(rng) {
-                ex.push(e);
-            }
-        }
-        let d: Vec<_> = ex.iter().map(|x| enc(tok, &x.0, MAX_DESC_TOKENS)).collect();
-        let a: Vec<_> = ex.iter().map(|x| enc(tok, &x.1, MAX_RESP_TOKENS)).collect();
-        let b: Vec<_> = ex.iter().map(|x| enc(tok, &x.2, MAX_RESP_TOKENS)).collect();
-        let ((di, dm), (ai, am), (bi, bm)) = (
-            pad_right(&d, tok.pad).tensors(&dev)?,
-            pad_right(&a, tok.pad).tensors(&dev)?,
-            pad_right(&b, tok.pad).tensors(&dev)?,
-        );
-        let labels = Tensor::new(ex.iter().map(|x| x.3).collect::<Vec<u32>>(), &dev)?;
-        let logits = judge.forward(&di, &dm, &ai, &am, &bi, &bm)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
-        opt.set_learning_rate(super::sft::lr_at(step, &cfg));
-        opt.backward_step(&loss)?;
-        let acc = logits.argmax(D::Minus1)?.eq(&labels)?.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()?;
-        let l = loss.to_scalar::<f32>()?;
-        curves.push(step + 1, vec![l as f64, acc as f64]);
-        progress.set_message(format!("loss {l:.3} acc {acc:.2}"));
-        if (step + 1) % (steps / 10).max(1) == 0 {
-            tracing::info!(step = step + 1, loss = l, acc, "judge");
-        }
-        progress.inc(1);
-    }
-    Ok(curves)
 }

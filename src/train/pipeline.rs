@@ -1,7 +1,10 @@
 //! The steps of `prefstream-train`, each reading and writing a run directory, so that every
 //! step can be rerun alone and `all` is just their sequence.
 
-use super::eval::{eval_policy, markdown, reference_rows, test_users, EvalRow, Setting};
+use super::eval::{
+    efficiency, eval_policy, markdown, reference_rows, robustness, test_users, EfficiencyRow, EvalRow, Policy,
+    RobustRow, Setting,
+};
 use super::judge::{train_judge, Judge, JudgeConfig, Scorer};
 use super::model::{Gpt, GptConfig};
 use super::sft::{self, TrainConfig};
@@ -36,6 +39,8 @@ pub struct Preset {
     pub grpo_lr: f64,
     pub policy: GptConfig,
     pub eval_users: usize,
+    /// Held-out users for the robustness study (12 runs of the policy each).
+    pub study_users: usize,
     pub max_new_tokens: usize,
 }
 
@@ -54,6 +59,7 @@ impl Preset {
             grpo_lr: 5e-5,
             policy: GptConfig { vocab_size: 0, n_layer: 4, n_head: 4, d_model: 128, d_ff: 512, max_positions: 1536 },
             eval_users: 200,
+            study_users: 64,
             max_new_tokens: 160,
         }
     }
@@ -71,6 +77,7 @@ impl Preset {
             grpo_lr: 5e-5,
             policy: GptConfig { vocab_size: 0, n_layer: 1, n_head: 2, d_model: 32, d_ff: 64, max_positions: 1536 },
             eval_users: 4,
+            study_users: 2,
             max_new_tokens: 24,
         }
     }
@@ -181,8 +188,14 @@ impl Run {
         let vars = VarMap::new();
         let judge = Judge::new(&cfg, VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu))?;
         let pb = bar("judge");
-        let curves =
-            train_judge(&judge, &vars, &tok, steps, 64, 3e-3, &mut self.rng(2), &pb)?;
+        let curves = train_judge(
+            &judge,
+            &vars,
+            &tok,
+            &TrainConfig { steps, batch: 64, lr: 3e-3, warmup: steps / 20 },
+            &mut self.rng(2),
+            &pb,
+        )?;
         pb.finish();
         curves.write(&self.dir, "judge_curve")?;
         vars.save(self.path("judge.safetensors"))?;
@@ -232,7 +245,8 @@ impl Run {
 
     /// The checkpoint to ship: SFT+GRPO only if it beats SFT-only in streaming 4+4.
     pub fn best_policy(&self, rows: &[EvalRow]) -> &'static str {
-        let acc = |m: &str| rows.iter().find(|r| r.method == m && r.setting == Setting::Stream44.name()).map(|r| r.acc_jud);
+        let acc =
+            |m: &str| rows.iter().find(|r| r.method == m && r.setting == Setting::Stream44.name()).map(|r| r.acc_jud);
         match (acc("SFT"), acc("SFT+GRPO")) {
             (Some(a), Some(b)) if b > a => "policy_grpo",
             _ => "policy",
@@ -314,8 +328,10 @@ impl Run {
         Ok(())
     }
 
-    /// Acc_jud table for the SFT policy (greedy) beside Null / raw signals / Golden.
-    pub fn eval_step(&self, preset: &Preset, settings: &[Setting]) -> Result<Vec<EvalRow>> {
+    /// Acc_jud of every trained policy (greedy) beside Null / raw signals / Golden; with
+    /// `studies`, also robustness (reversal, drift) and efficiency (time per update by round).
+    /// Writes `eval.json` and `eval.md`.
+    pub fn eval_step(&self, preset: &Preset, settings: &[Setting], studies: bool) -> Result<Vec<EvalRow>> {
         let world = self.world()?;
         let tok = self.tokenizer()?;
         let (judge, _) = self.load_judge()?;
@@ -329,31 +345,85 @@ impl Run {
             .collect();
         let pb = bar("eval");
         pb.set_length((settings.len() * methods.len()) as u64);
-        let mut samples = Vec::new();
+        let (mut samples, mut robust, mut timing) = (Vec::new(), Vec::new(), Vec::new());
         for (method, name) in methods {
-          let (policy, _) = self.load_policy(name)?;
-          for &s in settings {
-            let (row, descs) = eval_policy(
-                method,
-                &policy,
-                &tok,
-                &scorer,
-                &users,
-                s,
-                &SamplingParams::GREEDY,
-                preset.max_new_tokens,
-                32,
-                &mut rng,
-            )?;
-            tracing::info!(method, setting = s.name(), acc_jud = row.acc_jud, format_rate = row.format_rate, "evaluated");
-            samples.push(serde_json::json!({"method": method, "setting": s.name(), "user": users[0].0.user_id, "golden": users[0].0.golden, "description": descs[0]}));
-            rows.push(row);
-            pb.inc(1);
-          }
+            let (model, _) = self.load_policy(name)?;
+            let policy = Policy {
+                model: &model,
+                tok: &tok,
+                params: SamplingParams::GREEDY,
+                max_new: preset.max_new_tokens,
+                batch: 32,
+            };
+            for &s in settings {
+                let (row, descs) = eval_policy(method, &policy, &scorer, &users, s, &mut rng)?;
+                tracing::info!(
+                    method,
+                    setting = s.name(),
+                    acc_jud = row.acc_jud,
+                    format_rate = row.format_rate,
+                    "evaluated"
+                );
+                samples.push(serde_json::json!({"method": method, "setting": s.name(), "user": users[0].user.user_id,
+                    "golden": users[0].user.golden, "description": descs[0]}));
+                rows.push(row);
+                pb.inc(1);
+            }
+            if studies {
+                let few = &users[..users.len().min(preset.study_users)];
+                robust.extend(robustness(method, &policy, &scorer, few, &mut rng)?);
+                let per_update = Policy { batch: 1, ..policy };
+                let t = efficiency(&per_update, &users[..users.len().min(8)], 5, &mut rng)?;
+                timing.push(serde_json::json!({"method": method, "rounds": t}));
+            }
         }
         pb.finish();
-        write_json(&self.path("eval.json"), &serde_json::json!({"rows": rows, "samples": samples}))?;
-        std::fs::write(self.path("eval.md"), markdown(&rows))?;
+        let report = serde_json::json!({"rows": rows, "samples": samples, "robustness": robust, "efficiency": timing});
+        write_json(&self.path("eval.json"), &report)?;
+        let mut md = markdown(&rows);
+        if studies {
+            md.push_str(&studies_markdown(&robust, &timing));
+            plot_efficiency(&self.path("efficiency.png"), &timing)?;
+        }
+        std::fs::write(self.path("eval.md"), md)?;
         Ok(rows)
     }
+}
+
+fn studies_markdown(robust: &[RobustRow], timing: &[serde_json::Value]) -> String {
+    let mut s = String::from("\n| method | variant | setting | Acc_jud (%) |\n|---|---|---|---:|\n");
+    for r in robust {
+        s.push_str(&format!("| {} | {} | {} | {:.2} |\n", r.method, r.variant, r.setting, 100.0 * r.acc_jud));
+    }
+    for t in timing {
+        s.push_str(&format!(
+            "\n{} — time per update (ms, batch 1, greedy)\n\n| round | signals seen | streaming | base | streaming prompt tokens | base prompt tokens |\n|---:|---:|---:|---:|---:|---:|\n",
+            t["method"].as_str().unwrap_or("")
+        ));
+        let rows: Vec<EfficiencyRow> = serde_json::from_value(t["rounds"].clone()).unwrap_or_default();
+        for r in rows {
+            s.push_str(&format!(
+                "| {} | {} | {:.1} | {:.1} | {:.0} | {:.0} |\n",
+                r.round,
+                r.signals_seen,
+                r.streaming_ms_per_update,
+                r.base_ms_per_update,
+                r.streaming_prompt_tokens,
+                r.base_prompt_tokens
+            ));
+        }
+    }
+    s
+}
+
+fn plot_efficiency(path: &Path, timing: &[serde_json::Value]) -> Result<()> {
+    let Some(t) = timing.last() else { return Ok(()) };
+    let rows: Vec<EfficiencyRow> = serde_json::from_value(t["rounds"].clone())?;
+    let mut c = super::curves::Curves::new(&["streaming_ms_per_update", "base_ms_per_update"]);
+    for r in rows {
+        c.push(r.round, vec![r.streaming_ms_per_update, r.base_ms_per_update]);
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    c.write(dir, path.file_stem().and_then(|s| s.to_str()).unwrap_or("efficiency"))?;
+    Ok(())
 }

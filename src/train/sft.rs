@@ -35,7 +35,7 @@ pub struct FilterStats {
 }
 
 /// A user's signals in order, each with its ground-truth annotation, cut into windows.
-pub fn user_windows<'a>(world: &'a World) -> HashMap<&'a str, Vec<Vec<(&'a Event, &'a Annotation)>>> {
+pub fn user_windows(world: &World) -> HashMap<&str, Vec<Vec<(&Event, &Annotation)>>> {
     let ann: HashMap<&str, &Annotation> = world.annotations.iter().map(|a| (a.event_id.as_str(), a)).collect();
     let mut by_user: HashMap<&str, Vec<(&Event, &Annotation)>> = HashMap::new();
     for e in &world.events {
@@ -186,6 +186,7 @@ pub fn sft_loss(model: &Gpt, items: &[&Tokenized], pad: u32) -> candle_core::Res
     (picked * w)?.sum_all()?.neg()
 }
 
+#[allow(clippy::too_many_arguments)]
 /// Supervised fine-tuning. Returns the loss curve (train loss, held-out loss every 50 steps).
 pub fn train(
     model: &Gpt,

@@ -254,13 +254,18 @@ pub fn make_pair(prefs: &[Pref], label_noise: Option<f64>, rng: &mut impl Rng) -
 fn make_ugc(prefs: &[Pref], rng: &mut impl Rng) -> (String, Vec<Pref>) {
     let n = rng.gen_range(1..=2).min(prefs.len());
     let mut poles: Vec<Pref> = prefs.choose_multiple(rng, n).cloned().collect();
-    let text = poles
+    let text = render_ugc(&poles, rng);
+    poles.sort_by_key(|p| p.dim);
+    (text, poles)
+}
+
+/// UGC sentences praising the given poles.
+pub fn render_ugc(poles: &[Pref], rng: &mut impl Rng) -> String {
+    poles
         .iter()
         .map(|p| fill(pick(&UGC_SENTENCES, rng), pick(pole(p.dim, p.dir).phrases, rng)))
         .collect::<Vec<_>>()
-        .join(" ");
-    poles.sort_by_key(|p| p.dim);
-    (text, poles)
+        .join(" ")
 }
 
 /// RFC 3339 timestamp `minutes` after 2026-01-01T00:00:00Z.
