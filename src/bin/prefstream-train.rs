@@ -123,7 +123,7 @@ fn main() -> Result<()> {
             run.tokenizer_step(preset()?.vocab)?;
         }
         Cmd::Judge => {
-            run.judge_step(preset()?.judge_steps)?;
+            run.judge_step(&preset()?)?;
         }
         Cmd::Sft => run.sft_step(&preset()?)?,
         Cmd::Grpo => run.grpo_step(&preset()?)?,
@@ -136,7 +136,7 @@ fn main() -> Result<()> {
             run.set_preset(&p)?;
             run.synth(&synth_cfg(synth, &p, cli.seed), synth.alignx.as_deref())?;
             run.tokenizer_step(p.vocab)?;
-            run.judge_step(p.judge_steps)?;
+            run.judge_step(&p)?;
             run.sft_step(&p)?;
             run.grpo_step(&p)?;
             let rows = run.eval_step(&p, &SETTINGS, true)?;

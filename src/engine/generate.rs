@@ -53,6 +53,9 @@ pub struct Generator {
     pub max_positions: Option<usize>,
     /// Off: re-feed the whole sequence every step without a cache (reference path for benches).
     pub use_cache: bool,
+    /// On: never stop early at `</answer>` / `<eos>`; every row gets `max_new_tokens` (benches
+    /// that need a fixed number of tokens from an untrained model).
+    pub ignore_stop: bool,
     stats: GenStats,
 }
 
@@ -63,7 +66,15 @@ impl Generator {
         max_new_tokens: usize,
         max_positions: Option<usize>,
     ) -> Self {
-        Self { session, tokenizer, max_new_tokens, max_positions, use_cache: true, stats: GenStats::default() }
+        Self {
+            session,
+            tokenizer,
+            max_new_tokens,
+            max_positions,
+            use_cache: true,
+            ignore_stop: false,
+            stats: GenStats::default(),
+        }
     }
 
     pub fn tokenizer(&self) -> &TextTokenizer {
@@ -153,7 +164,7 @@ impl Generator {
                 } else {
                     let t = pick(i, &res.logits[i * res.vocab..(i + 1) * res.vocab]);
                     out[i].tokens.push(t);
-                    if t == close || t == eos {
+                    if !self.ignore_stop && (t == close || t == eos) {
                         done[i] = true;
                         out[i].stop = Stop::StopToken;
                     }

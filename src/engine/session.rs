@@ -68,7 +68,8 @@ fn tensor_info(vt: &ValueType) -> Option<TensorInfo> {
 impl DecoderSession {
     pub fn open(path: &Path, device: &Device) -> Result<Self> {
         let session = runtime::session_from_file(path, device)?;
-        let spec = discover(&session).map_err(|message| EngineError::Graph { path: path.to_path_buf(), message })?;
+        let spec =
+            discover(&session, path).map_err(|message| EngineError::Graph { path: path.to_path_buf(), message })?;
         tracing::info!(path = %path.display(), ?spec, %device, "decoder loaded");
         Ok(Self { session, spec, device: *device, path: path.to_path_buf() })
     }
@@ -213,9 +214,18 @@ pub fn f16_to_f32(h: u16) -> f32 {
     f32::from_bits(bits)
 }
 
+/// `kv_heads` / `head_dim` from an onnxruntime-genai `genai_config.json` beside the model, for
+/// graphs whose cache shapes leave them symbolic (its builder names head_dim `kv_cache_dim`).
+fn genai_cache_dims(model: &Path) -> Option<(i64, i64)> {
+    let text = std::fs::read_to_string(model.with_file_name("genai_config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let d = &v["model"]["decoder"];
+    Some((d["num_key_value_heads"].as_i64()?, d["head_size"].as_i64()?))
+}
+
 /// Finds the cache layout from `past_key_values.{i}.key|value` inputs and checks the rest of
 /// the contract (no shapes are assumed).
-fn discover(session: &Session) -> Result<GraphSpec, String> {
+fn discover(session: &Session, path: &Path) -> Result<GraphSpec, String> {
     let inputs: Vec<(String, Option<TensorInfo>)> =
         session.inputs().iter().map(|o| (o.name().to_string(), tensor_info(o.dtype()))).collect();
     let find = |name: &str| inputs.iter().find(|(n, _)| n == name).and_then(|(_, t)| t.clone());
@@ -233,14 +243,24 @@ fn discover(session: &Session) -> Result<GraphSpec, String> {
         .max()
         .ok_or("no `past_key_values.{i}.key` inputs: not a decoder with KV cache")?;
     let (kv_dtype, shape) = find("past_key_values.0.key").ok_or("no `past_key_values.0.key`")?;
-    let [_, kv_heads, _, head_dim] = shape[..] else {
+    let [_, mut kv_heads, _, mut head_dim] = shape[..] else {
         return Err(format!(
             "past_key_values.0.key has rank {}, expected [batch, kv_heads, past, head_dim]",
             shape.len()
         ));
     };
     if kv_heads <= 0 || head_dim <= 0 {
-        return Err(format!("past_key_values.0.key shape {shape:?} leaves kv_heads/head_dim symbolic"));
+        match genai_cache_dims(path) {
+            Some((h, d)) if (kv_heads <= 0 || kv_heads == h) && (head_dim <= 0 || head_dim == d) => {
+                (kv_heads, head_dim) = (h, d);
+            }
+            _ => {
+                return Err(format!(
+                    "past_key_values.0.key shape {shape:?} leaves kv_heads/head_dim symbolic \
+                     (and no genai_config.json beside the model gives them)"
+                ))
+            }
+        }
     }
     if !matches!(kv_dtype, TensorElementType::Float32 | TensorElementType::Float16 | TensorElementType::Bfloat16) {
         return Err(format!("cache dtype {kv_dtype:?} is not supported"));
@@ -249,7 +269,8 @@ fn discover(session: &Session) -> Result<GraphSpec, String> {
         for kind in ["key", "value"] {
             let name = format!("past_key_values.{i}.{kind}");
             let (ty, s) = find(&name).ok_or_else(|| format!("missing input `{name}`"))?;
-            if ty != kv_dtype || s.len() != 4 || s[1] != kv_heads || s[3] != head_dim {
+            // Compared with layer 0 as declared (symbolic dimensions included).
+            if ty != kv_dtype || s.len() != 4 || s[1] != shape[1] || s[3] != shape[3] {
                 return Err(format!("`{name}` is {ty:?} {s:?}, unlike past_key_values.0.key"));
             }
             let out = format!("present.{i}.{kind}");

@@ -31,6 +31,8 @@ pub struct Preset {
     pub test_users: usize,
     pub vocab: usize,
     pub judge_steps: usize,
+    pub judge_layers: usize,
+    pub judge_lr: f64,
     pub sft_steps: usize,
     pub sft_batch: usize,
     pub sft_lr: f64,
@@ -50,7 +52,9 @@ impl Preset {
             users: 1200,
             test_users: 200,
             vocab: 2048,
-            judge_steps: 2500,
+            judge_steps: 6000,
+            judge_layers: 0,
+            judge_lr: 1e-2,
             sft_steps: 1200,
             sft_batch: 16,
             sft_lr: 2e-3,
@@ -69,6 +73,8 @@ impl Preset {
             test_users: 8,
             vocab: 700,
             judge_steps: 60,
+            judge_layers: 0,
+            judge_lr: 1e-2,
             sft_steps: 8,
             sft_batch: 8,
             sft_lr: 2e-3,
@@ -181,10 +187,11 @@ impl Run {
         Ok((judge, vars))
     }
 
-    pub fn judge_step(&self, steps: usize) -> Result<Vec<EvalRow>> {
+    pub fn judge_step(&self, preset: &Preset) -> Result<Vec<EvalRow>> {
+        let steps = preset.judge_steps;
         let world = self.world()?;
         let tok = self.tokenizer()?;
-        let cfg = JudgeConfig::small(tok.vocab_size());
+        let cfg = JudgeConfig { n_layer: preset.judge_layers, ..JudgeConfig::small(tok.vocab_size()) };
         let vars = VarMap::new();
         let judge = Judge::new(&cfg, VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu))?;
         let pb = bar("judge");
@@ -192,7 +199,7 @@ impl Run {
             &judge,
             &vars,
             &tok,
-            &TrainConfig { steps, batch: 64, lr: 3e-3, warmup: steps / 20 },
+            &TrainConfig { steps, batch: 64, lr: preset.judge_lr, warmup: steps / 20 },
             &mut self.rng(2),
             &pb,
         )?;
