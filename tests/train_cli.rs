@@ -26,7 +26,7 @@ fn quick_chain_builds_a_complete_package() {
         serde_json::from_str(&std::fs::read_to_string(install.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["template"], prefstream::prompt::TEMPLATE_ID);
     assert_eq!(manifest["special_tokens"]["answer_close"], "</answer>");
-    for f in ["judge_curve.csv", "judge_curve.png", "sft_curve.csv", "sft_curve.png", "eval.json", "eval.md"] {
+    for f in ["judge_curve.csv", "judge_curve.png", "sft_curve.csv", "sft_curve.png", "grpo_curve.png", "eval.json", "eval.md"] {
         assert!(run.join(f).exists(), "{f} missing");
     }
     // Every generated event validates against the schema the service consumes.
@@ -37,7 +37,11 @@ fn quick_chain_builds_a_complete_package() {
     let eval: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("eval.json")).unwrap()).unwrap();
     let methods: Vec<&str> = eval["rows"].as_array().unwrap().iter().map(|r| r["method"].as_str().unwrap()).collect();
-    assert_eq!(methods, ["Null", "Raw signals E", "Golden", "SFT", "SFT", "SFT"]);
+    assert_eq!(methods, ["Null", "Raw signals E", "Golden", "SFT", "SFT", "SFT", "SFT+GRPO", "SFT+GRPO", "SFT+GRPO"]);
+    for key in ["robustness", "efficiency"] {
+        assert!(!eval[key].as_array().unwrap().is_empty(), "{key} study missing");
+    }
+    assert!(run.join("grpo_curve.csv").exists() && run.join("efficiency.png").exists());
 }
 
 #[test]

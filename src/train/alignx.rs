@@ -187,14 +187,7 @@ fn import_record(
     // AlignX has no timestamps: users a day apart, signals five minutes apart.
     for (n, body) in bodies.into_iter().enumerate() {
         let event_id = format!("{user_id}-e{n:03}");
-        world.annotations.push(Annotation {
-            event_id: event_id.clone(),
-            user_id: user_id.clone(),
-            chosen_poles: Vec::new(),
-            rejected_poles: Vec::new(),
-            ugc_poles: Vec::new(),
-            noisy: false,
-        });
+        world.annotations.push(Annotation::unknown(&event_id, &user_id));
         world.events.push(Event {
             schema_version: SCHEMA_VERSION,
             event_id,

@@ -6,7 +6,7 @@
 
 use super::batch::{pad_right, Batch};
 use super::model::{Block, GptConfig, LayerNorm};
-use super::synth::{describe, make_pair, random_prefs, utility, Pair};
+use super::synth::{any_surface, describe_surfaces, make_pair, random_prefs, utility, Pair};
 use crate::tokenizer::TextTokenizer;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{embedding, linear_no_bias, Embedding, Linear, VarBuilder};
@@ -202,7 +202,9 @@ pub fn sample_example(rng: &mut impl Rng) -> Option<(String, String, String, u32
         return None;
     }
     let (better, worse) = if du > 0 { (pair.chosen, pair.rejected) } else { (pair.rejected, pair.chosen) };
-    let desc = describe(&prefs, rng);
+    // Descriptions state preferences in labels or in the signals' own paraphrases.
+    let surfaces: Vec<&str> = prefs.iter().map(|p| any_surface(p, rng)).collect();
+    let desc = describe_surfaces(&surfaces, rng);
     Some(if rng.gen_bool(0.5) { (desc, better, worse, 0) } else { (desc, worse, better, 1) })
 }
 

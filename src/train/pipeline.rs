@@ -58,7 +58,7 @@ impl Preset {
             sft_steps: 700,
             sft_batch: 12,
             sft_lr: 2e-3,
-            grpo_steps: 30,
+            grpo_steps: 20,
             grpo_prompts: 8,
             grpo_lr: 1e-4,
             policy: GptConfig { vocab_size: 0, n_layer: 3, n_head: 4, d_model: 128, d_ff: 384, max_positions: 1536 },
@@ -166,8 +166,8 @@ impl Run {
             }
             if let Some(ws) = windows.get(u.user_id.as_str()) {
                 for w in ws.iter().take(2) {
-                    let anns: Vec<_> = w.iter().map(|x| x.1).collect();
-                    let c = &super::teacher::teach(u, &[], &anns, 1, 0.0, &mut rng)[0];
+                    let signals: Vec<_> = w.iter().map(|x| (&x.0.body, x.1)).collect();
+                    let c = &super::teacher::teach(u, &[], &signals, 1, 0.0, &mut rng)[0];
                     texts.push(build_prompt(Some(&u.golden), w.iter().map(|x| &x.0.body)));
                     texts.push(build_response(&c.reasoning, &c.description));
                 }

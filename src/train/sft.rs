@@ -5,8 +5,8 @@ use super::batch::pad_right;
 use super::curves::Curves;
 use super::judge::{mean, Scorer};
 use super::model::{Gpt, GptConfig};
-use super::synth::{Annotation, Pref, Split, UserRecord, World};
-use super::teacher::teach;
+use super::synth::{Annotation, Split, UserRecord, World};
+use super::teacher::{teach, Signal, Stated};
 use crate::event::Event;
 use crate::prompt::{build_prompt, build_response};
 use crate::tokenizer::TextTokenizer;
@@ -67,15 +67,15 @@ pub fn build_examples(
         let Some(ws) = windows.get(user.user_id.as_str()) else {
             continue;
         };
-        let mut prev: Option<(Vec<Pref>, String)> = None;
+        let mut prev: Option<(Vec<Stated>, String)> = None;
         for (w, win) in ws.iter().enumerate() {
-            let anns: Vec<&Annotation> = win.iter().map(|x| x.1).collect();
+            let signals: Vec<Signal> = win.iter().map(|x| (&x.0.body, x.1)).collect();
             let bodies: Vec<_> = win.iter().map(|x| &x.0.body).collect();
             let settings: &[bool] = if w == 0 { &[false] } else { &[true, false] };
             for &streaming in settings {
-                let prev_prefs: &[Pref] =
+                let prev_prefs: &[Stated] =
                     if streaming { prev.as_ref().map(|p| p.0.as_slice()).unwrap_or(&[]) } else { &[] };
-                let cands = teach(user, prev_prefs, &anns, g, error_rate, rng);
+                let cands = teach(user, prev_prefs, &signals, g, error_rate, rng);
                 let jobs: Vec<(&str, &[_])> =
                     cands.iter().map(|c| (c.description.as_str(), user.test_pairs.as_slice())).collect();
                 let scores = scorer.many_pair_scores(&jobs)?;

@@ -57,6 +57,20 @@ pub struct Annotation {
     pub noisy: bool,
 }
 
+impl Annotation {
+    /// An annotation with no known poles (imported data, or before the generator fills it in).
+    pub fn unknown(event_id: &str, user_id: &str) -> Self {
+        Self {
+            event_id: event_id.to_string(),
+            user_id: user_id.to_string(),
+            chosen_poles: Vec::new(),
+            rejected_poles: Vec::new(),
+            ugc_poles: Vec::new(),
+            noisy: false,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct SynthConfig {
     pub seed: u64,
@@ -162,14 +176,36 @@ const UGC_SENTENCES: [&str; 8] = [
 /// "The user prefers concise answers; enjoys science topics; values orderly plans."
 /// Empty input gives [`NOT_PROVIDED`].
 pub fn describe(prefs: &[Pref], rng: &mut impl Rng) -> String {
-    if prefs.is_empty() {
+    let labels: Vec<&str> = prefs.iter().map(|p| pole(p.dim, p.dir).label).collect();
+    describe_surfaces(&labels, rng)
+}
+
+/// A description from the words that state each preference: a pole's label or any of its
+/// paraphrases (the words the user's own signals used), in random order with varied verbs.
+pub fn describe_surfaces(surfaces: &[&str], rng: &mut impl Rng) -> String {
+    if surfaces.is_empty() {
         return NOT_PROVIDED.to_string();
     }
-    let mut order: Vec<&Pref> = prefs.iter().collect();
+    let mut order: Vec<&str> = surfaces.to_vec();
     order.shuffle(rng);
-    let clauses: Vec<String> =
-        order.iter().map(|p| format!("{} {}", pick(&VERBS, rng), pole(p.dim, p.dir).label)).collect();
+    let clauses: Vec<String> = order.iter().map(|s| format!("{} {s}", pick(&VERBS, rng))).collect();
     format!("The user {}.", clauses.join("; "))
+}
+
+/// The paraphrase of `p`'s pole that `text` uses, if any.
+pub fn surface_in(text: &str, p: &Pref) -> Option<&'static str> {
+    pole(p.dim, p.dir).phrases.iter().copied().find(|ph| text.contains(ph))
+}
+
+/// The label or one of the paraphrases of a pole, at random.
+pub fn any_surface(p: &Pref, rng: &mut impl Rng) -> &'static str {
+    let pl = pole(p.dim, p.dir);
+    let i = rng.gen_range(0..=pl.phrases.len());
+    if i == pl.phrases.len() {
+        pl.label
+    } else {
+        pl.phrases[i]
+    }
 }
 
 fn pick<'a>(items: &[&'a str], rng: &mut impl Rng) -> &'a str {
@@ -308,14 +344,7 @@ pub fn generate(cfg: &SynthConfig) -> World {
         for n in 0..cfg.signals_per_user {
             let event_id = format!("{user_id}-e{n:03}");
             let ts = timestamp(user_start + 5 * (n as i64 + 1));
-            let mut ann = Annotation {
-                event_id: event_id.clone(),
-                user_id: user_id.clone(),
-                chosen_poles: Vec::new(),
-                rejected_poles: Vec::new(),
-                ugc_poles: Vec::new(),
-                noisy: false,
-            };
+            let mut ann = Annotation::unknown(&event_id, &user_id);
             let body = if cfg.ugc_rate > 0.0 && rng.gen_bool(cfg.ugc_rate.min(1.0)) {
                 let (text, poles) = make_ugc(&prefs, &mut rng);
                 ann.ugc_poles = poles;

@@ -2,68 +2,87 @@
 //! dimensions φ), it reads the signals' ground-truth poles and the user's active dimensions and
 //! writes a reasoning chain and a description — G candidates, some with realistic mistakes
 //! (a flipped stance, a dropped preference, a spurious one), later filtered by the judge.
+//! It states each preference in the words the signals used (a pole's paraphrase as it appears
+//! in the chosen response or the user's text), so the student learns to quote evidence.
 
-use super::dims::pole;
-use super::synth::{describe, Annotation, Pref, UserRecord};
+use super::synth::{any_surface, describe_surfaces, surface_in, Annotation, Pref, UserRecord};
+use crate::event::EventBody;
 use rand::seq::SliceRandom;
 use rand::Rng;
+
+/// A preference and the words that state it.
+pub type Stated = (Pref, String);
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Candidate {
     pub reasoning: String,
     pub description: String,
-    pub prefs: Vec<Pref>,
+    pub prefs: Vec<Stated>,
 }
 
-fn labels(prefs: &[Pref]) -> String {
-    prefs.iter().map(|p| pole(p.dim, p.dir).label).collect::<Vec<_>>().join(", ")
+/// One signal with its ground truth.
+pub type Signal<'a> = (&'a EventBody, &'a Annotation);
+
+fn joined(items: &[Stated]) -> String {
+    items.iter().map(|s| s.1.as_str()).collect::<Vec<_>>().join(", ")
 }
 
-/// Evidence line per signal: the poles the chosen response (or the user's own text) shows.
-fn evidence(window: &[&Annotation]) -> Vec<String> {
+/// What each signal shows: the chosen response's poles (or the user's own text's), in its words.
+fn shown(sig: &Signal) -> Vec<Stated> {
+    let (text, poles) = match sig.0 {
+        EventBody::Comparison { chosen, .. } => (chosen.as_str(), &sig.1.chosen_poles),
+        EventBody::Ugc { text } => (text.as_str(), &sig.1.ugc_poles),
+        EventBody::Forget => ("", &sig.1.chosen_poles),
+    };
+    poles
+        .iter()
+        .map(|p| (p.clone(), surface_in(text, p).unwrap_or(super::dims::pole(p.dim, p.dir).label).to_string()))
+        .collect()
+}
+
+fn evidence(window: &[Signal]) -> Vec<String> {
     window
         .iter()
         .enumerate()
-        .map(|(i, a)| {
-            if a.ugc_poles.is_empty() {
-                format!("{}: chose {}.", i + 1, labels(&a.chosen_poles))
-            } else {
-                format!("{}: wrote about {}.", i + 1, labels(&a.ugc_poles))
-            }
+        .map(|(i, sig)| {
+            let verb = if matches!(sig.0, EventBody::Ugc { .. }) { "wrote about" } else { "chose" };
+            format!("{}: {verb} {}.", i + 1, joined(&shown(sig)))
         })
         .collect()
 }
 
 /// What a careful teacher concludes: the previous preferences plus every key dimension the new
-/// signals touch, with the user's true stance.
-pub fn conclude(user: &UserRecord, prev: &[Pref], window: &[&Annotation]) -> Vec<Pref> {
-    let mut out: Vec<Pref> = prev.to_vec();
-    for a in window {
-        for p in a.chosen_poles.iter().chain(&a.ugc_poles) {
-            if let Some(truth) = user.prefs.iter().find(|q| q.dim == p.dim) {
-                if !out.iter().any(|q| q.dim == p.dim) {
-                    out.push(truth.clone());
-                }
+/// signals touch, with the user's true stance (in the signal's words when it shows that stance).
+pub fn conclude(user: &UserRecord, prev: &[Stated], window: &[Signal], rng: &mut impl Rng) -> Vec<Stated> {
+    let mut out: Vec<Stated> = prev.to_vec();
+    for sig in window {
+        for (p, words) in shown(sig) {
+            let Some(truth) = user.prefs.iter().find(|q| q.dim == p.dim) else { continue };
+            if out.iter().any(|q| q.0.dim == p.dim) {
+                continue;
             }
+            let words = if truth.dir == p.dir { words } else { any_surface(truth, rng).to_string() };
+            out.push((truth.clone(), words));
         }
     }
     out
 }
 
-fn mistake(prefs: &mut Vec<Pref>, window: &[&Annotation], rng: &mut impl Rng) {
+fn mistake(prefs: &mut Vec<Stated>, window: &[Signal], rng: &mut impl Rng) {
     match rng.gen_range(0..3) {
         0 if !prefs.is_empty() => {
             let i = rng.gen_range(0..prefs.len());
-            prefs[i].dir = -prefs[i].dir;
+            let flipped = Pref { dim: prefs[i].0.dim, dir: -prefs[i].0.dir };
+            prefs[i] = (flipped.clone(), any_surface(&flipped, rng).to_string());
         }
         1 if prefs.len() > 1 => {
             prefs.remove(rng.gen_range(0..prefs.len()));
         }
         _ => {
-            let seen: Vec<&Pref> =
-                window.iter().flat_map(|a| &a.chosen_poles).filter(|p| !prefs.iter().any(|q| q.dim == p.dim)).collect();
+            let seen: Vec<Stated> =
+                window.iter().flat_map(shown).filter(|p| !prefs.iter().any(|q| q.0.dim == p.0.dim)).collect();
             if let Some(p) = seen.choose(rng) {
-                prefs.push((*p).clone());
+                prefs.push(p.clone());
             }
         }
     }
@@ -73,25 +92,27 @@ fn mistake(prefs: &mut Vec<Pref>, window: &[&Annotation], rng: &mut impl Rng) {
 /// probability `error_rate`.
 pub fn teach(
     user: &UserRecord,
-    prev: &[Pref],
-    window: &[&Annotation],
+    prev: &[Stated],
+    window: &[Signal],
     g: usize,
     error_rate: f64,
     rng: &mut impl Rng,
 ) -> Vec<Candidate> {
     let lines = evidence(window);
+    let careful = conclude(user, prev, window, rng);
     (0..g)
         .map(|i| {
-            let mut prefs = conclude(user, prev, window);
+            let mut prefs = careful.clone();
             if i > 0 && rng.gen_bool(error_rate) {
                 mistake(&mut prefs, window, rng);
             }
             let mut reasoning = lines.join(" ");
             if !prev.is_empty() {
-                reasoning.push_str(&format!(" Before: {}.", labels(prev)));
+                reasoning.push_str(&format!(" Before: {}.", joined(prev)));
             }
-            reasoning.push_str(&format!(" So: {}.", labels(&prefs)));
-            Candidate { reasoning, description: describe(&prefs, rng), prefs }
+            reasoning.push_str(&format!(" So: {}.", joined(&prefs)));
+            let words: Vec<&str> = prefs.iter().map(|s| s.1.as_str()).collect();
+            Candidate { reasoning, description: describe_surfaces(&words, rng), prefs }
         })
         .collect()
 }
@@ -99,37 +120,39 @@ pub fn teach(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::dims::pole;
     use crate::train::synth::Split;
     use rand::{rngs::StdRng, SeedableRng};
 
     fn ann(chosen: Vec<Pref>) -> Annotation {
-        Annotation {
-            event_id: "e".into(),
-            user_id: "u".into(),
-            chosen_poles: chosen,
-            rejected_poles: vec![],
-            ugc_poles: vec![],
-            noisy: false,
-        }
+        Annotation { chosen_poles: chosen, ..Annotation::unknown("e", "u") }
     }
 
     #[test]
-    fn careful_candidate_keeps_key_dims_with_true_stance() {
+    fn careful_candidate_keeps_key_dims_with_true_stance_in_the_signals_words() {
         let user = UserRecord {
             user_id: "u".into(),
             split: Split::Train,
-            prefs: vec![Pref { dim: 3, dir: 1 }, Pref { dim: 50, dir: -1 }],
+            prefs: vec![Pref { dim: 3, dir: 1 }, Pref { dim: 50, dir: -1 }, Pref { dim: 12, dir: 1 }],
             golden: String::new(),
             test_pairs: vec![],
         };
-        // the noisy signal shows dim 3 with the wrong pole; the teacher still states the truth
-        let w = [ann(vec![Pref { dim: 3, dir: -1 }, Pref { dim: 7, dir: 1 }]), ann(vec![Pref { dim: 12, dir: 1 }])];
-        let w: Vec<&Annotation> = w.iter().collect();
-        let c = teach(&user, &[Pref { dim: 50, dir: -1 }], &w, 4, 1.0, &mut StdRng::seed_from_u64(1));
+        let p12 = pole(12, 1).phrases[1];
+        let body1 = EventBody::Comparison { post: "p".into(), chosen: "x".into(), rejected: "y".into() };
+        let body2 = EventBody::Comparison { post: "p".into(), chosen: format!("Try {p12}."), rejected: "y".into() };
+        // signal 1 is noisy (shows dim 3's wrong pole): the teacher still states the truth
+        let a1 = ann(vec![Pref { dim: 3, dir: -1 }, Pref { dim: 7, dir: 1 }]);
+        let a2 = ann(vec![Pref { dim: 12, dir: 1 }]);
+        let w: Vec<Signal> = vec![(&body1, &a1), (&body2, &a2)];
+        let prev = vec![(Pref { dim: 50, dir: -1 }, "earlier words".to_string())];
+        let c = teach(&user, &prev, &w, 4, 1.0, &mut StdRng::seed_from_u64(1));
         assert_eq!(c.len(), 4);
-        assert_eq!(c[0].prefs, vec![Pref { dim: 50, dir: -1 }, Pref { dim: 3, dir: 1 }]);
+        let dims: Vec<(usize, i8)> = c[0].prefs.iter().map(|s| (s.0.dim, s.0.dir)).collect();
+        assert_eq!(dims, vec![(50, -1), (3, 1), (12, 1)]);
+        assert_eq!(c[0].prefs[2].1, p12, "quotes the signal's paraphrase");
         assert!(c[0].reasoning.starts_with("1: chose "));
-        assert!(c[0].reasoning.contains("Before: "));
+        assert!(c[0].reasoning.contains("Before: earlier words."));
+        assert!(c[0].description.contains(p12));
         assert!(c[1..].iter().any(|x| x.prefs != c[0].prefs));
     }
 }

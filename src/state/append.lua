@@ -1,0 +1,43 @@
+-- Append one event to a user's pending window, deduplicated by event id; when the window is
+-- full, claim it atomically into the inflight hash (so it survives a crash until applied/parked).
+-- KEYS: 1 pending (list), 2 seen (zset id -> seq), 3 seq (counter), 4 inflight (hash id -> window)
+-- ARGV: 1 event_id, 2 event JSON, 3 window size, 4 seen cap
+-- Returns {'dup'} | {'pending', n} | {'full', window_id, '{"seq":N,"events":[...]}'}
+local pending, seen, seq, inflight = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local size, cap = tonumber(ARGV[3]), tonumber(ARGV[4])
+
+-- Byte-wise comparison (Lua's `<` on strings follows the server locale).
+local function bytes_lt(a, b)
+  local la, lb = #a, #b
+  for i = 1, math.min(la, lb) do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
+  end
+  return la < lb
+end
+
+if redis.call('ZSCORE', seen, ARGV[1]) then
+  return {'dup'}
+end
+local n = redis.call('INCR', seq)
+redis.call('ZADD', seen, n, ARGV[1])
+-- Bounded dedupe memory: keep the newest `cap` ids.
+if redis.call('ZCARD', seen) > cap then
+  redis.call('ZREMRANGEBYRANK', seen, 0, -(cap + 1))
+end
+local len = redis.call('RPUSH', pending, ARGV[2])
+if len < size then
+  return {'pending', tostring(len)}
+end
+
+local events = redis.call('LRANGE', pending, 0, size - 1)
+redis.call('LTRIM', pending, size, -1)
+local ids = {}
+for i, ev in ipairs(events) do ids[i] = cjson.decode(ev)['event_id'] end
+table.sort(ids, bytes_lt)
+local parts = {}
+for i, id in ipairs(ids) do parts[i] = string.len(id) .. ':' .. id end
+local wid = redis.sha1hex(table.concat(parts, ''))
+local body = '{"seq":' .. n .. ',"events":[' .. table.concat(events, ',') .. ']}'
+redis.call('HSET', inflight, wid, body)
+return {'full', wid, body}

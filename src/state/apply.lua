@@ -1,0 +1,34 @@
+-- Compare-and-set the description on `version`, idempotent on the window id.
+-- KEYS: 1 desc (hash), 2 applied (zset window id -> version), 3 inflight, 4 attempts, 5 parked
+-- ARGV: 1 window id, 2 expected version, 3 description, 4 event ids JSON, 5 model,
+--       6 updated_at, 7 applied cap
+-- Returns {'already', v} | {'conflict', current} | {'applied', v}
+local desc, applied, inflight, attempts, parked = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local wid = ARGV[1]
+
+local function release()
+  redis.call('HDEL', inflight, wid)
+  redis.call('HDEL', attempts, wid)
+  redis.call('HDEL', parked, wid)
+end
+
+local prev = redis.call('ZSCORE', applied, wid)
+if prev then
+  release()
+  return {'already', tostring(prev)}
+end
+local cur = tonumber(redis.call('HGET', desc, 'version') or '0')
+if cur ~= tonumber(ARGV[2]) then
+  return {'conflict', tostring(cur)}
+end
+local v = cur + 1
+redis.call('HSET', desc, 'version', v, 'description', ARGV[3], 'event_ids', ARGV[4],
+  'model', ARGV[5], 'updated_at', ARGV[6])
+redis.call('ZADD', applied, v, wid)
+-- Bounded: windows older than the newest `cap` are no longer recognised as applied.
+local cap = tonumber(ARGV[7])
+if redis.call('ZCARD', applied) > cap then
+  redis.call('ZREMRANGEBYRANK', applied, 0, -(cap + 1))
+end
+release()
+return {'applied', tostring(v)}

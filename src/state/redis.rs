@@ -1,0 +1,328 @@
+//! Redis `StateStore`: every multi-step change is one Lua script (atomic, Cluster-safe thanks
+//! to the per-user hash tag); never WATCH/MULTI, which is unsound on the shared multiplexed
+//! connection. Scripts go through `redis::Script` (EVALSHA, reloaded after `SCRIPT FLUSH` or a
+//! server restart). Layout: see `crate::state`.
+
+use super::{
+    check_append, now_rfc3339, AppendOutcome, ApplyOutcome, Description, FailOutcome, ParkedWindow, StateError,
+    StateStore, DEFAULT_APPLIED_CAP, DEFAULT_SEEN_CAP,
+};
+use crate::event::Event;
+use crate::window::Window;
+use ::redis::aio::ConnectionManager;
+use ::redis::{Client, Cmd, FromRedisValue, RedisError, RedisResult, Script};
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+
+const APPEND_LUA: &str = include_str!("append.lua");
+const TAKE_LUA: &str = include_str!("take.lua");
+const APPLY_LUA: &str = include_str!("apply.lua");
+const FAIL_LUA: &str = include_str!("fail.lua");
+
+/// Every key suffix of a user (what `forget` deletes).
+const SUFFIXES: [&str; 8] = ["desc", "pending", "seen", "seq", "inflight", "attempts", "applied", "parked"];
+
+/// `pref:{<user>}:<suffix>`. Injective even for ids containing braces: suffixes hold no `}:`.
+pub fn key(user: &str, suffix: &str) -> String {
+    format!("pref:{{{user}}}:{suffix}")
+}
+
+struct Scripts {
+    append: Script,
+    take: Script,
+    apply: Script,
+    fail: Script,
+}
+
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: ConnectionManager,
+    scripts: Arc<Scripts>,
+    seen_cap: usize,
+    applied_cap: usize,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore").field("seen_cap", &self.seen_cap).field("applied_cap", &self.applied_cap).finish()
+    }
+}
+
+/// Errors after which the `ConnectionManager` reconnects: the next call may succeed.
+fn is_transient(e: &RedisError) -> bool {
+    e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
+}
+
+/// What the scripts store for a claimed window (inflight) and a parked one.
+#[derive(Deserialize)]
+struct StoredWindow {
+    seq: u64,
+    events: Vec<Event>,
+}
+
+#[derive(Deserialize)]
+struct StoredParked {
+    reason: String,
+    attempts: u32,
+    seq: u64,
+    events: Vec<Event>,
+}
+
+impl RedisStore {
+    /// Connect (e.g. `redis://127.0.0.1:6379/`); fails if the server is unreachable.
+    pub async fn connect(url: &str) -> Result<Self, StateError> {
+        let client = Client::open(url)?;
+        let conn = ConnectionManager::new(client).await?;
+        Ok(Self {
+            conn,
+            scripts: Arc::new(Scripts {
+                append: Script::new(APPEND_LUA),
+                take: Script::new(TAKE_LUA),
+                apply: Script::new(APPLY_LUA),
+                fail: Script::new(FAIL_LUA),
+            }),
+            seen_cap: DEFAULT_SEEN_CAP,
+            applied_cap: DEFAULT_APPLIED_CAP,
+        })
+    }
+
+    /// Bounds of the per-user dedupe (event ids) and applied (window ids) memories.
+    pub fn with_caps(mut self, seen_cap: usize, applied_cap: usize) -> Self {
+        self.seen_cap = seen_cap.max(1);
+        self.applied_cap = applied_cap.max(1);
+        self
+    }
+
+    /// Run `op`, retrying once after a connection error: the first call after the server
+    /// dropped the connection fails, and makes the manager reconnect for the next one.
+    /// If the first run did land before the connection dropped, the retry sees its effect:
+    /// append reports `Duplicate` (a window it claimed stays inflight, re-driven through
+    /// `inflight()`/`recover()`), apply reports `AlreadyApplied`, fail counts one more attempt.
+    async fn retry<T, F, Fut>(&self, op: F) -> Result<T, StateError>
+    where
+        F: Fn(ConnectionManager) -> Fut + Send + Sync,
+        Fut: Future<Output = RedisResult<T>> + Send,
+        T: Send,
+    {
+        match op(self.conn.clone()).await {
+            Err(e) if is_transient(&e) => {
+                tracing::warn!(error = %e, "redis call failed; retrying once after reconnect");
+                Ok(op(self.conn.clone()).await?)
+            }
+            r => Ok(r?),
+        }
+    }
+
+    async fn query<T: FromRedisValue + Send>(&self, cmd: &Cmd) -> Result<T, StateError> {
+        self.retry(|mut c| async move { cmd.query_async::<T>(&mut c).await }).await
+    }
+
+    async fn script(&self, script: &Script, keys: &[String], args: &[String]) -> Result<Vec<String>, StateError> {
+        self.retry(|mut c| async move {
+            let mut inv = script.prepare_invoke();
+            for k in keys {
+                inv.key(k);
+            }
+            for a in args {
+                inv.arg(a);
+            }
+            inv.invoke_async::<Vec<String>>(&mut c).await
+        })
+        .await
+    }
+
+    fn keys(user: &str, suffixes: &[&str]) -> Vec<String> {
+        suffixes.iter().map(|s| key(user, s)).collect()
+    }
+
+    /// Turn a script's `{'full', id, body}` into a window, checking that Lua and Rust agree
+    /// on the window id.
+    fn claimed(user: &str, reply: &[String]) -> Result<Window, StateError> {
+        let [_, id, body] = reply else {
+            return Err(corrupt(user, format!("unexpected claim reply {reply:?}")));
+        };
+        let w = window_from(user, body)?.1;
+        if &w.id != id {
+            return Err(corrupt(user, format!("window id mismatch: script {id}, events {}", w.id)));
+        }
+        Ok(w)
+    }
+}
+
+fn corrupt(user: &str, detail: impl Into<String>) -> StateError {
+    StateError::Corrupt { user: user.to_string(), detail: detail.into() }
+}
+
+fn window_from(user: &str, body: &str) -> Result<(u64, Window), StateError> {
+    let s: StoredWindow = serde_json::from_str(body).map_err(|e| corrupt(user, format!("stored window: {e}")))?;
+    Ok((s.seq, Window::new(user, s.events)))
+}
+
+fn number<T: std::str::FromStr>(user: &str, reply: &[String]) -> Result<T, StateError> {
+    reply
+        .get(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| corrupt(user, format!("unexpected script reply {reply:?}")))
+}
+
+#[async_trait::async_trait]
+impl StateStore for RedisStore {
+    async fn append(&self, user: &str, event: &Event, window_size: usize) -> Result<AppendOutcome, StateError> {
+        check_append(user, event, window_size)?;
+        let keys = Self::keys(user, &["pending", "seen", "seq", "inflight"]);
+        let args = [event.event_id.clone(), event.to_json(), window_size.to_string(), self.seen_cap.to_string()];
+        let reply = self.script(&self.scripts.append, &keys, &args).await?;
+        match reply.first().map(String::as_str) {
+            Some("dup") => Ok(AppendOutcome::Duplicate),
+            Some("pending") => Ok(AppendOutcome::Pending(number(user, &reply)?)),
+            Some("full") => Ok(AppendOutcome::Full(Self::claimed(user, &reply)?)),
+            _ => Err(corrupt(user, format!("unexpected append reply {reply:?}"))),
+        }
+    }
+
+    async fn take_partial(&self, user: &str, max: usize) -> Result<Option<Window>, StateError> {
+        if max == 0 {
+            return Err(StateError::Invalid("take_partial needs max >= 1".into()));
+        }
+        let keys = Self::keys(user, &["pending", "seq", "inflight"]);
+        let reply = self.script(&self.scripts.take, &keys, &[max.to_string()]).await?;
+        match reply.first().map(String::as_str) {
+            Some("empty") => Ok(None),
+            Some("full") => Ok(Some(Self::claimed(user, &reply)?)),
+            _ => Err(corrupt(user, format!("unexpected take reply {reply:?}"))),
+        }
+    }
+
+    async fn pending_len(&self, user: &str) -> Result<usize, StateError> {
+        self.query(::redis::cmd("LLEN").arg(key(user, "pending"))).await
+    }
+
+    async fn current(&self, user: &str) -> Result<Option<Description>, StateError> {
+        let h: HashMap<String, String> = self.query(::redis::cmd("HGETALL").arg(key(user, "desc"))).await?;
+        if h.is_empty() {
+            return Ok(None);
+        }
+        let field = |name: &str| h.get(name).cloned().ok_or_else(|| corrupt(user, format!("desc lacks {name}")));
+        Ok(Some(Description {
+            version: field("version")?.parse().map_err(|e| corrupt(user, format!("desc version: {e}")))?,
+            description: field("description")?,
+            event_ids: serde_json::from_str(&field("event_ids")?)
+                .map_err(|e| corrupt(user, format!("desc event_ids: {e}")))?,
+            updated_at: field("updated_at")?,
+            model: field("model")?,
+        }))
+    }
+
+    async fn apply(
+        &self,
+        user: &str,
+        window_id: &str,
+        expected_version: u64,
+        description: &str,
+        event_ids: &[String],
+        model: &str,
+    ) -> Result<ApplyOutcome, StateError> {
+        let keys = Self::keys(user, &["desc", "applied", "inflight", "attempts", "parked"]);
+        let ids = serde_json::to_string(event_ids).map_err(|e| StateError::Invalid(e.to_string()))?;
+        let args = [
+            window_id.to_string(),
+            expected_version.to_string(),
+            description.to_string(),
+            ids,
+            model.to_string(),
+            now_rfc3339(),
+            self.applied_cap.to_string(),
+        ];
+        let reply = self.script(&self.scripts.apply, &keys, &args).await?;
+        match reply.first().map(String::as_str) {
+            Some("applied") => Ok(ApplyOutcome::Applied(number(user, &reply)?)),
+            Some("already") => Ok(ApplyOutcome::AlreadyApplied(number(user, &reply)?)),
+            Some("conflict") => Ok(ApplyOutcome::Conflict(number(user, &reply)?)),
+            _ => Err(corrupt(user, format!("unexpected apply reply {reply:?}"))),
+        }
+    }
+
+    async fn fail(
+        &self,
+        user: &str,
+        window_id: &str,
+        reason: &str,
+        max_retries: u32,
+    ) -> Result<FailOutcome, StateError> {
+        let keys = Self::keys(user, &["inflight", "attempts", "parked"]);
+        let args = [window_id.to_string(), reason.to_string(), max_retries.to_string()];
+        let reply = self.script(&self.scripts.fail, &keys, &args).await?;
+        match reply.first().map(String::as_str) {
+            Some("gone") => Ok(FailOutcome::NotInflight),
+            Some("retry") => Ok(FailOutcome::Retry(number(user, &reply)?)),
+            Some("parked") => Ok(FailOutcome::Parked),
+            _ => Err(corrupt(user, format!("unexpected fail reply {reply:?}"))),
+        }
+    }
+
+    async fn inflight(&self, user: &str) -> Result<Vec<Window>, StateError> {
+        let h: HashMap<String, String> = self.query(::redis::cmd("HGETALL").arg(key(user, "inflight"))).await?;
+        let mut v = Vec::with_capacity(h.len());
+        for (id, body) in &h {
+            let (seq, w) = window_from(user, body)?;
+            if &w.id != id {
+                return Err(corrupt(user, format!("inflight window {id} holds events of {}", w.id)));
+            }
+            v.push((seq, w));
+        }
+        v.sort_by_key(|(seq, _)| *seq);
+        Ok(v.into_iter().map(|(_, w)| w).collect())
+    }
+
+    async fn recover(&self) -> Result<Vec<Window>, StateError> {
+        // SCAN the keyspace for inflight hashes (single node; on Cluster, run per primary).
+        let mut users = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let mut cmd = ::redis::cmd("SCAN");
+            cmd.arg(cursor).arg("MATCH").arg("pref:{*}:inflight").arg("COUNT").arg(1000);
+            let (next, keys): (u64, Vec<String>) = self.query(&cmd).await?;
+            users.extend(
+                keys.iter()
+                    .filter_map(|k| k.strip_prefix("pref:{").and_then(|k| k.strip_suffix("}:inflight")))
+                    .map(str::to_string),
+            );
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        users.sort();
+        users.dedup(); // SCAN may return a key twice
+        let mut out = Vec::new();
+        for u in users {
+            out.extend(self.inflight(&u).await?);
+        }
+        Ok(out)
+    }
+
+    async fn parked(&self, user: &str) -> Result<Vec<ParkedWindow>, StateError> {
+        let h: HashMap<String, String> = self.query(::redis::cmd("HGETALL").arg(key(user, "parked"))).await?;
+        let mut v = Vec::with_capacity(h.len());
+        for body in h.values() {
+            let p: StoredParked =
+                serde_json::from_str(body).map_err(|e| corrupt(user, format!("parked window: {e}")))?;
+            let window = Window::new(user, p.events);
+            v.push((p.seq, ParkedWindow { window, reason: p.reason, attempts: p.attempts }));
+        }
+        v.sort_by_key(|(seq, _)| *seq);
+        Ok(v.into_iter().map(|(_, p)| p).collect())
+    }
+
+    async fn forget(&self, user: &str) -> Result<(), StateError> {
+        // One DEL of same-slot keys: atomic, and Cluster-safe thanks to the hash tag.
+        let mut cmd = ::redis::cmd("DEL");
+        for k in Self::keys(user, &SUFFIXES) {
+            cmd.arg(k);
+        }
+        let _: i64 = self.query(&cmd).await?;
+        Ok(())
+    }
+}
