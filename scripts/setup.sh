@@ -2,6 +2,7 @@
 # Installs what prefstream's tests and demo need, idempotently:
 #   - ONNX Runtime's shared library from the official PyPI wheel (CPU build) into
 #     $PREFSTREAM_CACHE/ort (default ~/.cache/prefstream/ort), where prefstream looks for it;
+#   - redis-server (Debian package) for the state-store tests;
 #   - nothing is ever downloaded at build time.
 # Set ORT_DYLIB_PATH to use another libonnxruntime.so instead.
 set -euo pipefail
@@ -33,3 +34,10 @@ PY
 fi
 ln -sf "libonnxruntime.so.$ORT_VERSION" "$ORT_DIR/libonnxruntime.so"
 echo "setup: ONNX Runtime at $ORT_DIR/libonnxruntime.so"
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "setup: installing redis-server (Debian package)"
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
+echo "setup: $(redis-server --version | cut -d' ' -f1-3)"

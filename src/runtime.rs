@@ -128,10 +128,8 @@ pub fn session_from_file(path: &Path, device: &Device) -> Result<Session, Runtim
     // service also runs Kafka and Redis clients); spinning stays off unless asked for.
     let threads = std::env::var("PREFSTREAM_ORT_THREADS").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(0);
     let spin = std::env::var("PREFSTREAM_ORT_SPIN").is_ok_and(|v| v == "1");
-    builder = builder
-        .with_intra_threads(threads)
-        .and_then(|b| b.with_intra_op_spinning(spin))
-        .map_err(|e| session_err(e.to_string()))?;
+    builder = builder.with_intra_threads(threads).map_err(|e| session_err(e.to_string()))?;
+    builder = builder.with_intra_op_spinning(spin).map_err(|e| session_err(e.to_string()))?;
     if let Device::Cuda(n) = *device {
         let id = i32::try_from(n).map_err(|_| RuntimeError::BadDevice(device.to_string()))?;
         let cuda = ep::CUDA::default().with_device_id(id).build().error_on_failure();

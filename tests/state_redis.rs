@@ -154,7 +154,8 @@ async fn key_layout_contract() {
     assert_eq!(fields, ["description", "event_ids", "model", "updated_at", "version"]);
     assert_eq!(desc["version"], "1");
     assert_eq!(desc["event_ids"], r#"["k0","k1","k2","k3"]"#);
-    let pending: Vec<String> = redis::cmd("LRANGE").arg(key(u, "pending")).arg(0).arg(-1).query_async(&mut c).await.unwrap();
+    let pending: Vec<String> =
+        redis::cmd("LRANGE").arg(key(u, "pending")).arg(0).arg(-1).query_async(&mut c).await.unwrap();
     assert_eq!(pending, [event(u, "k9", 9).to_json()]);
     store.forget(u).await.unwrap();
     let keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(&mut c).await.unwrap();

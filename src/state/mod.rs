@@ -123,8 +123,13 @@ pub trait StateStore: Send + Sync {
     ) -> Result<ApplyOutcome, StateError>;
 
     /// Count a failed attempt (e.g. invalid model output); park after `max_retries` retries.
-    async fn fail(&self, user: &str, window_id: &str, reason: &str, max_retries: u32)
-        -> Result<FailOutcome, StateError>;
+    async fn fail(
+        &self,
+        user: &str,
+        window_id: &str,
+        reason: &str,
+        max_retries: u32,
+    ) -> Result<FailOutcome, StateError>;
 
     /// The user's claimed, unfinished windows, oldest claim first.
     async fn inflight(&self, user: &str) -> Result<Vec<Window>, StateError>;
@@ -227,7 +232,10 @@ pub mod conformance {
         assert_eq!(store.append(&u, &event(&u, "e4", 3), 4).await.unwrap(), AppendOutcome::Duplicate);
         // The next window starts empty; a second claim is kept in claim order.
         for (i, id) in ["e5", "e6", "e7"].iter().enumerate() {
-            assert_eq!(store.append(&u, &event(&u, id, 10 + i as u32), 4).await.unwrap(), AppendOutcome::Pending(i + 1));
+            assert_eq!(
+                store.append(&u, &event(&u, id, 10 + i as u32), 4).await.unwrap(),
+                AppendOutcome::Pending(i + 1)
+            );
         }
         let w2 = expect_full(store.append(&u, &event(&u, "e8", 20), 4).await.unwrap());
         assert_eq!(store.inflight(&u).await.unwrap(), vec![w.clone(), w2.clone()]);

@@ -161,10 +161,7 @@ fn window_from(user: &str, body: &str) -> Result<(u64, Window), StateError> {
 }
 
 fn number<T: std::str::FromStr>(user: &str, reply: &[String]) -> Result<T, StateError> {
-    reply
-        .get(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| corrupt(user, format!("unexpected script reply {reply:?}")))
+    reply.get(1).and_then(|s| s.parse().ok()).ok_or_else(|| corrupt(user, format!("unexpected script reply {reply:?}")))
 }
 
 #[async_trait::async_trait]
