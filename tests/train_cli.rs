@@ -26,7 +26,15 @@ fn quick_chain_builds_a_complete_package() {
         serde_json::from_str(&std::fs::read_to_string(install.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["template"], prefstream::prompt::TEMPLATE_ID);
     assert_eq!(manifest["special_tokens"]["answer_close"], "</answer>");
-    for f in ["judge_curve.csv", "judge_curve.png", "sft_curve.csv", "sft_curve.png", "grpo_curve.png", "eval.json", "eval.md"] {
+    for f in [
+        "judge_curve.csv",
+        "judge_curve.png",
+        "sft_curve.csv",
+        "sft_curve.png",
+        "grpo_curve.png",
+        "eval.json",
+        "eval.md",
+    ] {
         assert!(run.join(f).exists(), "{f} missing");
     }
     // Every generated event validates against the schema the service consumes.
