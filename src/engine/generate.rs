@@ -113,6 +113,32 @@ impl Generator {
         prompts: &[Vec<u32>],
         mut pick: impl FnMut(usize, &[f32]) -> u32,
     ) -> Result<Vec<Output>> {
+        let ragged = prompts.iter().any(|p| p.len() != prompts[0].len());
+        if self.session.spec().has_position_ids || !ragged {
+            return self.generate_batch(prompts, pick);
+        }
+        // Graphs without position_ids (genai's GroupQueryAttention) take the valid tokens to come
+        // first, so left padding breaks them: rows of equal length run together instead.
+        let mut groups: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+        for (row, p) in prompts.iter().enumerate() {
+            groups.entry(p.len()).or_default().push(row);
+        }
+        let mut out: Vec<Option<Output>> = (0..prompts.len()).map(|_| None).collect();
+        for rows in groups.values() {
+            let sub: Vec<Vec<u32>> = rows.iter().map(|&r| prompts[r].clone()).collect();
+            let res = self.generate_batch(&sub, |i, logits| pick(rows[i], logits))?;
+            for (i, o) in res.into_iter().enumerate() {
+                out[rows[i]] = Some(o);
+            }
+        }
+        Ok(out.into_iter().map(|o| o.expect("every row belongs to one group")).collect())
+    }
+
+    fn generate_batch(
+        &mut self,
+        prompts: &[Vec<u32>],
+        mut pick: impl FnMut(usize, &[f32]) -> u32,
+    ) -> Result<Vec<Output>> {
         let n = prompts.len();
         let (pad, eos, close) = (self.tokenizer.pad, self.tokenizer.eos, self.tokenizer.answer_close);
         let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
