@@ -6,16 +6,6 @@
 local pending, seen, seq, inflight = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local size, cap = tonumber(ARGV[3]), tonumber(ARGV[4])
 
--- Byte-wise comparison (Lua's `<` on strings follows the server locale).
-local function bytes_lt(a, b)
-  local la, lb = #a, #b
-  for i = 1, math.min(la, lb) do
-    local x, y = string.byte(a, i), string.byte(b, i)
-    if x ~= y then return x < y end
-  end
-  return la < lb
-end
-
 if redis.call('ZSCORE', seen, ARGV[1]) then
   return {'dup'}
 end
@@ -32,12 +22,4 @@ end
 
 local events = redis.call('LRANGE', pending, 0, size - 1)
 redis.call('LTRIM', pending, size, -1)
-local ids = {}
-for i, ev in ipairs(events) do ids[i] = cjson.decode(ev)['event_id'] end
-table.sort(ids, bytes_lt)
-local parts = {}
-for i, id in ipairs(ids) do parts[i] = string.len(id) .. ':' .. id end
-local wid = redis.sha1hex(table.concat(parts, ''))
-local body = '{"seq":' .. n .. ',"events":[' .. table.concat(events, ',') .. ']}'
-redis.call('HSET', inflight, wid, body)
-return {'full', wid, body}
+return claim(events, n, inflight)

@@ -16,6 +16,8 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
+/// Helpers shared by the claiming scripts; Redis scripts cannot import each other.
+const CLAIM_LUA: &str = include_str!("claim.lua");
 const APPEND_LUA: &str = include_str!("append.lua");
 const TAKE_LUA: &str = include_str!("take.lua");
 const APPLY_LUA: &str = include_str!("apply.lua");
@@ -78,8 +80,8 @@ impl RedisStore {
         Ok(Self {
             conn,
             scripts: Arc::new(Scripts {
-                append: Script::new(APPEND_LUA),
-                take: Script::new(TAKE_LUA),
+                append: Script::new(&format!("{CLAIM_LUA}\n{APPEND_LUA}")),
+                take: Script::new(&format!("{CLAIM_LUA}\n{TAKE_LUA}")),
                 apply: Script::new(APPLY_LUA),
                 fail: Script::new(FAIL_LUA),
             }),
