@@ -128,7 +128,7 @@ fn main() -> Result<()> {
         Cmd::Sft => run.sft_step(&preset()?)?,
         Cmd::Grpo => run.grpo_step(&preset()?)?,
         Cmd::Export { out, policy } => {
-            run.export_step(&out.clone().unwrap_or_else(|| run_dir(&cli.run, "package")), &preset()?, policy)?
+            run.export_step(&out.clone().unwrap_or_else(|| cli.run.join("package")), &preset()?, policy)?
         }
         Cmd::Eval { studies } => println!("{}", markdown(&run.eval_step(&preset()?, &SETTINGS, *studies)?)),
         Cmd::All { synth, install } => {
@@ -141,7 +141,7 @@ fn main() -> Result<()> {
             run.grpo_step(&p)?;
             let rows = run.eval_step(&p, &SETTINGS, true)?;
             println!("{}", markdown(&rows));
-            let package = run_dir(&cli.run, "package");
+            let package = cli.run.join("package");
             run.export_step(&package, &p, run.best_policy(&rows))?;
             if let Some(dest) = install {
                 std::fs::create_dir_all(dest)?;
@@ -154,8 +154,4 @@ fn main() -> Result<()> {
     }
     tracing::info!(seconds = started.elapsed().as_secs_f64(), "done");
     Ok(())
-}
-
-fn run_dir(run: &std::path::Path, sub: &str) -> PathBuf {
-    run.join(sub)
 }
