@@ -1,16 +1,21 @@
 //! `prefstream`: the serving CLI.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use prefstream::engine::{load_package, InferResult};
+use prefstream::config::{parse_duration, KafkaArgs, ModelArgs, OpsArgs, PipelineArgs};
+use prefstream::engine::{load_package, BatcherConfig, Engine, EngineHandle, InferResult};
 use prefstream::event::{parse_event, EventBody};
 use prefstream::prompt::build_prompt;
 use prefstream::runtime::Device;
 use prefstream::sampling::SamplingParams;
+use prefstream::state::redis::RedisStore;
+use prefstream::telemetry::{self, Health, LogFormat, Metrics};
 
 #[derive(Parser)]
 #[command(name = "prefstream", version, about = "Streaming preference inference (AlignXplore)")]
@@ -21,8 +26,73 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// The service: consume events (consumer group), keep each user's window in Redis, infer
+    /// on every full window, compare-and-set the description, publish updates. SIGTERM drains.
+    Run(RunArgs),
+    /// The whole service on embedded parts (Kafka mock cluster, in-memory state, the shipped
+    /// model) with synthetic users: prints updates as they happen and a summary.
+    Demo(DemoArgs),
+    /// Validates the configuration and reaches the brokers, Redis, the model and the device.
+    Check(CheckArgs),
     /// Infer one user's preference description from a JSONL file of their events.
     Infer(InferArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    /// Redis holding windows and descriptions (`redis://[:password@]host:port/db`). Run it
+    /// with AOF (`appendonly yes`) so that a restart keeps accepted events.
+    #[arg(long, env = "PREFSTREAM_REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
+    redis_url: String,
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    pipeline: PipelineArgs,
+    #[command(flatten)]
+    ops: OpsArgs,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Synthetic users.
+    #[arg(long, env = "PREFSTREAM_DEMO_USERS", default_value_t = 6)]
+    users: usize,
+    /// Events per user (every 4 make a window).
+    #[arg(long, env = "PREFSTREAM_DEMO_EVENTS_PER_USER", default_value_t = 12)]
+    events_per_user: usize,
+    /// Stop waiting for updates after this long.
+    #[arg(long, env = "PREFSTREAM_DEMO_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    timeout: Duration,
+    /// Print the summary as JSON.
+    #[arg(long, env = "PREFSTREAM_JSON")]
+    json: bool,
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    pipeline: PipelineArgs,
+    /// Address for /metrics, /healthz and /readyz while the demo runs; `off` disables it.
+    #[arg(long, env = "PREFSTREAM_HTTP", default_value = "off")]
+    http: String,
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    #[arg(long, env = "PREFSTREAM_REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
+    redis_url: String,
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    pipeline: PipelineArgs,
+    /// Create missing topics (events and updates with this many partitions, the DLQ with one).
+    #[arg(long, env = "PREFSTREAM_CREATE_TOPICS")]
+    create_topics: Option<i32>,
+    /// How long to wait for each dependency.
+    #[arg(long, env = "PREFSTREAM_CHECK_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    timeout: Duration,
 }
 
 #[derive(Args)]
@@ -57,13 +127,204 @@ struct InferArgs {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
     match Cli::parse().cmd {
-        Cmd::Infer(args) => infer(args),
+        Cmd::Run(args) => {
+            telemetry::init_logging(args.ops.log_format);
+            runtime()?.block_on(run(args))
+        }
+        Cmd::Demo(args) => {
+            telemetry::init_logging(LogFormat::Text);
+            runtime()?.block_on(demo(args))
+        }
+        Cmd::Check(args) => {
+            telemetry::init_logging(LogFormat::Text);
+            runtime()?.block_on(check(args))
+        }
+        Cmd::Infer(args) => {
+            telemetry::init_logging(LogFormat::Text);
+            infer(args)
+        }
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn start_engine(model: &ModelArgs) -> Result<EngineHandle> {
+    let config = BatcherConfig {
+        max_batch: model.max_batch.max(1),
+        max_wait_ms: model.batch_wait.as_millis() as u64,
+        ..BatcherConfig::default()
+    };
+    Engine::spawn(&model.model, model.device.clone(), config)
+        .with_context(|| format!("loading model package {} on {}", model.model.display(), model.device))
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    let cfg = args.pipeline.service(&args.kafka, &args.model).map_err(anyhow::Error::msg)?;
+    let http = args.ops.http_addr().map_err(anyhow::Error::msg)?;
+    tracing::info!(
+        brokers = %args.kafka.brokers,
+        kafka_options = ?telemetry::redact_pairs(&args.kafka.kafka_options),
+        group = %args.kafka.group,
+        events = %args.kafka.events_topic,
+        updates = %args.kafka.updates_topic,
+        dlq = %args.kafka.dlq_topic,
+        redis = %telemetry::redact_url(&args.redis_url),
+        model = %args.model.model.display(),
+        device = %args.model.device,
+        window_size = cfg.pipeline.window.size,
+        "starting prefstream"
+    );
+    let (metrics, health) = (Metrics::new(), Arc::new(Health::default()));
+    let (stop_tx, stop_rx) = prefstream::service::shutdown_on_signals();
+    if let Some(addr) = http {
+        let mut rx = stop_rx.clone();
+        let bound = telemetry::serve_http(addr, metrics.clone(), health.clone(), async move {
+            let _ = rx.wait_for(|s| *s).await;
+        })
+        .await
+        .with_context(|| format!("cannot listen on {addr} (--http)"))?;
+        tracing::info!(%bound, "serving /metrics /healthz /readyz");
+    }
+    let engine = start_engine(&args.model)?;
+    health.engine.store(true, Ordering::Relaxed);
+    let store = RedisStore::connect(&args.redis_url)
+        .await
+        .with_context(|| format!("cannot reach Redis at {}", telemetry::redact_url(&args.redis_url)))?;
+    health.redis.store(true, Ordering::Relaxed);
+    let stopping = health.clone();
+    let mut watch = stop_rx.clone();
+    tokio::spawn(async move {
+        let _ = watch.wait_for(|s| *s).await;
+        stopping.stopping.store(true, Ordering::Relaxed);
+    });
+    let summary = prefstream::service::serve(cfg, Arc::new(store), Arc::new(engine), metrics, health, stop_rx).await;
+    drop(stop_tx);
+    let summary = summary?;
+    tracing::info!(records = summary.records, windows = summary.windows_started, "stopped cleanly");
+    Ok(())
+}
+
+async fn demo(args: DemoArgs) -> Result<()> {
+    let kafka = KafkaArgs {
+        brokers: String::new(),
+        kafka_options: Vec::new(),
+        group: "prefstream-demo".into(),
+        events_topic: "prefstream.events".into(),
+        updates_topic: "prefstream.updates".into(),
+        dlq_topic: "prefstream.events.dlq".into(),
+    };
+    let cfg = args.pipeline.service(&kafka, &args.model).map_err(anyhow::Error::msg)?;
+    let (metrics, health) = (Metrics::new(), Arc::new(Health::default()));
+    if args.http != "off" {
+        let addr = args.http.parse().with_context(|| format!("--http {:?}", args.http))?;
+        telemetry::serve_http(addr, metrics.clone(), health.clone(), std::future::pending()).await?;
+    }
+    eprintln!("loading model {} on {}", args.model.model.display(), args.model.device);
+    let engine = start_engine(&args.model)?;
+    health.engine.store(true, Ordering::Relaxed);
+    let demo_cfg = prefstream::demo::DemoConfig {
+        users: args.users,
+        events_per_user: args.events_per_user,
+        seed: args.model.seed,
+        timeout: args.timeout,
+    };
+    let s = prefstream::demo::run(demo_cfg, cfg, Arc::new(engine), metrics, health).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        println!(
+            "\nsummary: {} users, {} events, {} dead letters, {}/{} windows published, {} invalid outputs \
+             (retried), {} parked, {:.1} s ({:.2} windows/s)",
+            s.users,
+            s.events,
+            s.dead_letters,
+            s.updates,
+            s.windows_expected,
+            s.invalid_outputs,
+            s.parked,
+            s.seconds,
+            s.windows_per_sec
+        );
+    }
+    if ((s.updates + s.parked) as usize) < s.windows_expected {
+        bail!("the demo did not finish: {} of {} windows", s.updates + s.parked, s.windows_expected);
+    }
+    Ok(())
+}
+
+async fn check(args: CheckArgs) -> Result<()> {
+    let mut failed = 0;
+    let mut report = |what: &str, r: Result<String>| match r {
+        Ok(detail) => println!("ok    {what}: {detail}"),
+        Err(e) => {
+            failed += 1;
+            println!("FAIL  {what}: {e:#}");
+        }
+    };
+    report(
+        "configuration",
+        args.pipeline
+            .service(&args.kafka, &args.model)
+            .map(|c| format!("window size {}", c.pipeline.window.size))
+            .map_err(anyhow::Error::msg),
+    );
+    let client = args.kafka.client();
+    if let Some(parts) = args.create_topics {
+        let topics = args.kafka.topics();
+        let r = client.ensure_topics(&[(&topics.events, parts), (&topics.updates, parts), (&topics.dlq, 1)]).await;
+        report("create topics", r.map(|_| "created or present".into()).map_err(Into::into));
+    }
+    let names = [args.kafka.events_topic.as_str(), args.kafka.updates_topic.as_str(), args.kafka.dlq_topic.as_str()];
+    let timeout = args.timeout;
+    let described = tokio::task::spawn_blocking({
+        let client = client.clone();
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        move || client.describe(&names.iter().map(String::as_str).collect::<Vec<_>>(), timeout)
+    })
+    .await?;
+    match described {
+        Ok(parts) => {
+            report("brokers", Ok(args.kafka.brokers.clone()));
+            for (name, p) in names.iter().zip(parts) {
+                let r = p.map(|n| format!("{n} partitions")).with_context(|| {
+                    format!("topic does not exist (create it, or run `prefstream check --create-topics N`)")
+                });
+                report(&format!("topic {name}"), r);
+            }
+        }
+        Err(e) => report("brokers", Err(anyhow::Error::new(e).context(format!("cannot reach {}", args.kafka.brokers)))),
+    }
+    let redis = tokio::time::timeout(timeout, async {
+        let store = RedisStore::connect(&args.redis_url).await?;
+        store.ping().await
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("no answer within {timeout:?}"))
+    .and_then(|r| r.map_err(Into::into));
+    report(&format!("redis {}", telemetry::redact_url(&args.redis_url)), redis);
+    let model = args.model.clone();
+    let engine = tokio::task::spawn_blocking(move || -> Result<String> {
+        let (manifest, mut generator) = load_package(&model.model, &model.device)?;
+        generator.max_new_tokens = 4;
+        let started = Instant::now();
+        generator.generate(&[build_prompt(None, &[])], &SamplingParams::GREEDY, 0)?;
+        Ok(format!(
+            "{} {} ran on {} ({:.0} ms for 4 tokens)",
+            manifest.name,
+            manifest.version,
+            model.device,
+            started.elapsed().as_secs_f64() * 1e3
+        ))
+    })
+    .await?;
+    report(&format!("model {}", args.model.model.display()), engine);
+    if failed > 0 {
+        bail!("{failed} check(s) failed");
+    }
+    Ok(())
 }
 
 /// Reads the signals of one user; rejects bad lines (with file:line), mixed users and forgets.

@@ -73,6 +73,21 @@ impl EngineHandle {
     }
 }
 
+#[async_trait::async_trait]
+impl super::Inferencer for EngineHandle {
+    fn model(&self) -> super::ModelRef {
+        self.manifest().into()
+    }
+
+    async fn infer(&self, req: Request) -> Result<InferResult> {
+        // `infer` blocks on the model thread's reply: keep it off the async workers.
+        let handle = self.clone();
+        tokio::task::spawn_blocking(move || EngineHandle::infer(&handle, req))
+            .await
+            .map_err(|e| EngineError::Failed(format!("inference task failed: {e}")))?
+    }
+}
+
 fn run(mut generator: Generator, rx: Receiver<Job>, config: BatcherConfig) {
     let max_batch = config.max_batch.max(1);
     let wait = Duration::from_millis(config.max_wait_ms);

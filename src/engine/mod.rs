@@ -93,6 +93,36 @@ pub fn load_package(dir: &Path, device: &Device) -> Result<(Manifest, Generator)
     Ok((manifest, generator))
 }
 
+/// Which model wrote a description (published with every update).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ModelRef {
+    pub name: String,
+    pub version: String,
+    pub template: String,
+}
+
+impl ModelRef {
+    /// How the state store records the writer: `name@version`.
+    pub fn label(&self) -> String {
+        format!("{}@{}", self.name, self.version)
+    }
+}
+
+impl From<&Manifest> for ModelRef {
+    fn from(m: &Manifest) -> Self {
+        Self { name: m.name.clone(), version: m.version.clone(), template: m.template.clone() }
+    }
+}
+
+/// The model as the pipeline sees it (the backend trait of text-embeddings-inference). The
+/// product implements it with `EngineHandle`; benchmarks swap in an instant one to measure
+/// the delivery machinery alone.
+#[async_trait::async_trait]
+pub trait Inferencer: Send + Sync {
+    fn model(&self) -> ModelRef;
+    async fn infer(&self, req: Request) -> Result<InferResult>;
+}
+
 /// One inference request: the previous description plus the newest signals.
 #[derive(Debug, Clone)]
 pub struct Request {

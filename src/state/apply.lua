@@ -1,4 +1,5 @@
--- Compare-and-set the description on `version`, idempotent on the window id.
+-- Compare-and-set the description on `version`, idempotent on the window id. The window stays
+-- in flight until `complete` (after its update is published), so a crash in between re-publishes.
 -- KEYS: 1 desc (hash), 2 applied (zset window id -> version), 3 inflight, 4 attempts, 5 parked
 -- ARGV: 1 window id, 2 expected version, 3 description, 4 event ids JSON, 5 model,
 --       6 updated_at, 7 applied cap
@@ -6,15 +7,14 @@
 local desc, applied, inflight, attempts, parked = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local wid = ARGV[1]
 
-local function release()
-  redis.call('HDEL', inflight, wid)
-  redis.call('HDEL', attempts, wid)
+-- An operator applying a parked window un-parks it.
+local function unpark()
   redis.call('HDEL', parked, wid)
 end
 
 local prev = redis.call('ZSCORE', applied, wid)
 if prev then
-  release()
+  unpark()
   return {'already', tostring(prev)}
 end
 local cur = tonumber(redis.call('HGET', desc, 'version') or '0')
@@ -30,5 +30,5 @@ local cap = tonumber(ARGV[7])
 if redis.call('ZCARD', applied) > cap then
   redis.call('ZREMRANGEBYRANK', applied, 0, -(cap + 1))
 end
-release()
+unpark()
 return {'applied', tostring(v)}

@@ -50,7 +50,6 @@ impl UserState {
     fn release(&mut self, window_id: &str) {
         self.inflight.remove(window_id);
         self.attempts.remove(window_id);
-        self.parked.remove(window_id);
     }
 }
 
@@ -149,7 +148,7 @@ impl StateStore for MemoryStore {
         let applied_cap = self.applied_cap;
         Ok(self.with_user(user, |s| {
             if let Some(&v) = s.applied.get(window_id) {
-                s.release(window_id);
+                s.parked.remove(window_id);
                 return ApplyOutcome::AlreadyApplied(v);
             }
             let cur = s.desc.as_ref().map_or(0, |d| d.version);
@@ -171,9 +170,18 @@ impl StateStore for MemoryStore {
                     s.applied.remove(&old);
                 }
             }
-            s.release(window_id);
+            s.parked.remove(window_id);
             ApplyOutcome::Applied(v)
         }))
+    }
+
+    async fn applied_version(&self, user: &str, window_id: &str) -> Result<Option<u64>, StateError> {
+        Ok(self.with_user(user, |s| s.applied.get(window_id).copied()))
+    }
+
+    async fn complete(&self, user: &str, window_id: &str) -> Result<(), StateError> {
+        self.with_user(user, |s| s.release(window_id));
+        Ok(())
     }
 
     async fn fail(

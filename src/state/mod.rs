@@ -111,7 +111,8 @@ pub trait StateStore: Send + Sync {
     async fn current(&self, user: &str) -> Result<Option<Description>, StateError>;
 
     /// Compare-and-set the description on `expected_version` (0 = none yet), idempotent on
-    /// `window_id`; clears the window from inflight/attempts/parked.
+    /// `window_id`. Un-parks a parked window; an inflight window stays inflight until
+    /// `complete`, so that a crash before its update is published re-drives it.
     async fn apply(
         &self,
         user: &str,
@@ -121,6 +122,12 @@ pub trait StateStore: Send + Sync {
         event_ids: &[String],
         model: &str,
     ) -> Result<ApplyOutcome, StateError>;
+
+    /// The version `window_id` produced, if it was applied (and is still remembered).
+    async fn applied_version(&self, user: &str, window_id: &str) -> Result<Option<u64>, StateError>;
+
+    /// The window's update is published: forget its claim and attempts.
+    async fn complete(&self, user: &str, window_id: &str) -> Result<(), StateError>;
 
     /// Count a failed attempt (e.g. invalid model output); park after `max_retries` retries.
     async fn fail(
@@ -269,7 +276,11 @@ pub mod conformance {
         assert_eq!(d.event_ids, ids);
         assert_eq!(d.model, "tiny-v1");
         assert!(chrono::DateTime::parse_from_rfc3339(&d.updated_at).is_ok(), "updated_at {:?}", d.updated_at);
-        assert!(store.inflight(&u).await.unwrap().is_empty(), "apply releases the window");
+        assert_eq!(store.applied_version(&u, &w.id).await.unwrap(), Some(1));
+        assert_eq!(store.inflight(&u).await.unwrap(), vec![w.clone()], "applied but not yet published");
+        store.complete(&u, &w.id).await.unwrap();
+        assert!(store.inflight(&u).await.unwrap().is_empty(), "complete releases the window");
+        store.complete(&u, &w.id).await.unwrap();
         // Replaying the same window (any expected version) never bumps the version again.
         assert_eq!(store.apply(&u, &w.id, 0, "other", &ids, "m").await.unwrap(), ApplyOutcome::AlreadyApplied(1));
         assert_eq!(store.apply(&u, &w.id, 1, "other", &ids, "m").await.unwrap(), ApplyOutcome::AlreadyApplied(1));
@@ -278,6 +289,7 @@ pub mod conformance {
         store.append(&u, &event(&u, "a3", 3), 2).await.unwrap();
         let w2 = expect_full(store.append(&u, &event(&u, "a4", 4), 2).await.unwrap());
         let ids2 = w2.event_ids();
+        assert_eq!(store.applied_version(&u, &w2.id).await.unwrap(), None);
         assert_eq!(store.apply(&u, &w2.id, 0, "stale", &ids2, "m").await.unwrap(), ApplyOutcome::Conflict(1));
         assert_eq!(store.current(&u).await.unwrap().unwrap().version, 1);
         assert_eq!(store.inflight(&u).await.unwrap(), vec![w2.clone()], "a conflict keeps the window");

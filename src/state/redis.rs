@@ -91,6 +91,14 @@ impl RedisStore {
     }
 
     /// Bounds of the per-user dedupe (event ids) and applied (window ids) memories.
+    /// One round trip (for `prefstream check`): the server's answer and version.
+    pub async fn ping(&self) -> Result<String, StateError> {
+        let pong: String = self.query(&::redis::cmd("PING")).await?;
+        let info: String = self.query(::redis::cmd("INFO").arg("server")).await?;
+        let version = info.lines().find_map(|l| l.strip_prefix("redis_version:")).unwrap_or("?").trim().to_string();
+        Ok(format!("{pong}, redis {version}"))
+    }
+
     pub fn with_caps(mut self, seen_cap: usize, applied_cap: usize) -> Self {
         self.seen_cap = seen_cap.max(1);
         self.applied_cap = applied_cap.max(1);
@@ -241,6 +249,21 @@ impl StateStore for RedisStore {
             Some("conflict") => Ok(ApplyOutcome::Conflict(number(user, &reply)?)),
             _ => Err(corrupt(user, format!("unexpected apply reply {reply:?}"))),
         }
+    }
+
+    async fn applied_version(&self, user: &str, window_id: &str) -> Result<Option<u64>, StateError> {
+        let v: Option<f64> = self.query(::redis::cmd("ZSCORE").arg(key(user, "applied")).arg(window_id)).await?;
+        Ok(v.map(|v| v as u64))
+    }
+
+    async fn complete(&self, user: &str, window_id: &str) -> Result<(), StateError> {
+        let mut pipe = ::redis::pipe();
+        pipe.atomic().hdel(key(user, "inflight"), window_id).ignore().hdel(key(user, "attempts"), window_id).ignore();
+        self.retry(|mut c| {
+            let pipe = pipe.clone();
+            async move { pipe.query_async::<()>(&mut c).await }
+        })
+        .await
     }
 
     async fn fail(

@@ -1,0 +1,205 @@
+//! Command-line and environment configuration shared by the `prefstream` subcommands. Every
+//! flag has an environment variable (`PREFSTREAM_…`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::kafka::{parse_option, KafkaClient};
+use crate::pipeline::PipelineConfig;
+use crate::runtime::Device;
+use crate::sampling::SamplingParams;
+use crate::service::{ServiceConfig, Topics};
+use crate::telemetry::LogFormat;
+use crate::window::WindowConfig;
+
+/// `30s`, `500ms`, `2m`, `1h`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num.trim().parse().map_err(|_| format!("not a duration: {s:?} (try 30s, 500ms, 2m)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("unknown unit in {s:?} (use ms, s, m or h)")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("not a duration: {s:?}"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers, comma-separated.
+    #[arg(long, env = "PREFSTREAM_BROKERS", default_value = "localhost:9092")]
+    pub brokers: String,
+    /// A librdkafka property passed through as is, e.g. `-X security.protocol=SASL_SSL
+    /// -X sasl.password=…` (repeatable; in the env var, separate pairs with `;`). Secret values
+    /// are never logged.
+    #[arg(short = 'X', long = "kafka-option", env = "PREFSTREAM_KAFKA_OPTIONS", value_delimiter = ';',
+          value_parser = parse_option, value_name = "KEY=VALUE")]
+    pub kafka_options: Vec<(String, String)>,
+    /// Consumer group of the live service (replays never join it).
+    #[arg(long, env = "PREFSTREAM_GROUP", default_value = "prefstream")]
+    pub group: String,
+    #[arg(long, env = "PREFSTREAM_EVENTS_TOPIC", default_value = "prefstream.events")]
+    pub events_topic: String,
+    #[arg(long, env = "PREFSTREAM_UPDATES_TOPIC", default_value = "prefstream.updates")]
+    pub updates_topic: String,
+    /// Dead-letter topic: bad records with the reason in the `prefstream.error` header.
+    #[arg(long, env = "PREFSTREAM_DLQ_TOPIC", default_value = "prefstream.events.dlq")]
+    pub dlq_topic: String,
+}
+
+impl KafkaArgs {
+    pub fn client(&self) -> KafkaClient {
+        KafkaClient { brokers: self.brokers.clone(), options: self.kafka_options.clone() }
+    }
+
+    pub fn topics(&self) -> Topics {
+        Topics { events: self.events_topic.clone(), updates: self.updates_topic.clone(), dlq: self.dlq_topic.clone() }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Model package directory (model.onnx, tokenizer.json, manifest.json).
+    #[arg(long, env = "PREFSTREAM_MODEL", default_value = "onnx")]
+    pub model: PathBuf,
+    /// cpu, cuda or cuda:N. CUDA never falls back to CPU silently.
+    #[arg(long, env = "PREFSTREAM_DEVICE", default_value = "cpu")]
+    pub device: Device,
+    /// Largest batch the engine runs at once (windows of different users).
+    #[arg(long, env = "PREFSTREAM_MAX_BATCH", default_value_t = 8)]
+    pub max_batch: usize,
+    /// How long the engine waits for more windows to fill a batch.
+    #[arg(long, env = "PREFSTREAM_BATCH_WAIT", default_value = "5ms", value_parser = parse_duration)]
+    pub batch_wait: Duration,
+    /// Greedy decoding on the first attempt (reproducible; replays use it). Default: the
+    /// paper's sampling, seeded by the window id. Retries after invalid output always sample.
+    #[arg(long, env = "PREFSTREAM_GREEDY")]
+    pub greedy: bool,
+    #[arg(long, env = "PREFSTREAM_SEED", default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PipelineArgs {
+    /// Events per window; a full window is inferred on.
+    #[arg(long, env = "PREFSTREAM_WINDOW_SIZE", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..))]
+    pub window_size: u64,
+    /// Infer on a partial window after this long without a new event of the user (off by default).
+    #[arg(long, env = "PREFSTREAM_WINDOW_IDLE", value_parser = parse_duration)]
+    pub window_idle: Option<Duration>,
+    /// Invalid model outputs retried this many times before the window is parked.
+    #[arg(long, env = "PREFSTREAM_MAX_RETRIES", default_value_t = 3)]
+    pub max_retries: u32,
+    /// Payloads larger than this are dead-lettered.
+    #[arg(long, env = "PREFSTREAM_MAX_EVENT_BYTES", default_value_t = 1 << 20)]
+    pub max_event_bytes: usize,
+    /// Dead letters keep at most this much of the payload (header `prefstream.truncated`).
+    #[arg(long, env = "PREFSTREAM_DLQ_MAX_BYTES", default_value_t = 256 << 10)]
+    pub dlq_max_bytes: usize,
+    /// Concurrent ingest lanes (one user always uses the same lane).
+    #[arg(long, env = "PREFSTREAM_LANES", default_value_t = 64)]
+    pub lanes: usize,
+    /// Windows inferred concurrently.
+    #[arg(long, env = "PREFSTREAM_MAX_ACTIVE_WINDOWS", default_value_t = 32)]
+    pub max_active_windows: usize,
+    /// Windows waiting for inference before ingest blocks and the consumer pauses.
+    #[arg(long, env = "PREFSTREAM_WINDOW_QUEUE", default_value_t = 1024)]
+    pub window_queue: usize,
+    /// Records buffered between the consumer and the lanes.
+    #[arg(long, env = "PREFSTREAM_BUFFER", default_value_t = 4096)]
+    pub buffer: usize,
+    /// Pause the partitions after the pipeline refused records this long.
+    #[arg(long, env = "PREFSTREAM_PAUSE_AFTER", default_value = "1s", value_parser = parse_duration)]
+    pub pause_after: Duration,
+    #[arg(long, env = "PREFSTREAM_COMMIT_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub commit_interval: Duration,
+    /// On revoke, how long to wait for the revoked partitions' records before committing.
+    #[arg(long, env = "PREFSTREAM_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    /// On SIGTERM, how long to wait for records and windows in flight.
+    #[arg(long, env = "PREFSTREAM_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+    /// How often to look for windows a crashed instance claimed but never finished.
+    #[arg(long, env = "PREFSTREAM_RECOVER_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub recover_interval: Duration,
+}
+
+impl PipelineArgs {
+    pub fn pipeline(&self, model: &ModelArgs) -> Result<PipelineConfig, String> {
+        let window = WindowConfig { size: self.window_size as usize, idle: self.window_idle };
+        window.validate()?;
+        Ok(PipelineConfig {
+            window,
+            lanes: self.lanes.max(1),
+            lane_queue: 256,
+            max_active_windows: self.max_active_windows.max(1),
+            window_queue: self.window_queue.max(1),
+            max_retries: self.max_retries,
+            max_event_bytes: self.max_event_bytes,
+            dlq_max_bytes: self.dlq_max_bytes,
+            sampling: if model.greedy { SamplingParams::GREEDY } else { SamplingParams::PAPER },
+            seed: model.seed,
+            recover_interval: self.recover_interval.max(Duration::from_secs(1)),
+            shutdown_timeout: self.shutdown_timeout,
+        })
+    }
+
+    pub fn service(&self, kafka: &KafkaArgs, model: &ModelArgs) -> Result<ServiceConfig, String> {
+        Ok(ServiceConfig {
+            kafka: kafka.client(),
+            group: kafka.group.clone(),
+            topics: kafka.topics(),
+            pipeline: self.pipeline(model)?,
+            commit_interval: self.commit_interval,
+            pause_after: self.pause_after,
+            drain_timeout: self.drain_timeout,
+            buffer: self.buffer,
+        })
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct OpsArgs {
+    /// Address for /metrics (Prometheus), /healthz and /readyz; `off` disables it.
+    #[arg(long, env = "PREFSTREAM_HTTP", default_value = "127.0.0.1:9464")]
+    pub http: String,
+    #[arg(long, env = "PREFSTREAM_LOG_FORMAT", value_enum, default_value = "json")]
+    pub log_format: LogFormat,
+}
+
+impl OpsArgs {
+    pub fn http_addr(&self) -> Result<Option<SocketAddr>, String> {
+        if self.http == "off" {
+            return Ok(None);
+        }
+        self.http.parse().map(Some).map_err(|e| format!("--http {:?}: {e}", self.http))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5d").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+}
