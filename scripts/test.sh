@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 # A target dir outside the clone lets CI reuse an earlier build on the same machine.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/prefstream/target}"
 ./scripts/setup.sh
+# tansu (a Kafka-protocol broker) for the end-to-end tests; the first install compiles it (~15 min).
+TANSU_BIN="$(./scripts/tansu.sh install)"
+export TANSU_BIN
 cargo build --release --all-targets
 # Benches are built above but not run: they are measurements, not tests.
 cargo test --release --lib --bins --tests -- --test-threads 2

@@ -157,7 +157,7 @@ fn start_engine(model: &ModelArgs) -> Result<EngineHandle> {
         max_wait_ms: model.batch_wait.as_millis() as u64,
         ..BatcherConfig::default()
     };
-    Engine::spawn(&model.model, model.device.clone(), config)
+    Engine::spawn(&model.model, model.device, config)
         .with_context(|| format!("loading model package {} on {}", model.model.display(), model.device))
 }
 
@@ -289,9 +289,9 @@ async fn check(args: CheckArgs) -> Result<()> {
         Ok(parts) => {
             report("brokers", Ok(args.kafka.brokers.clone()));
             for (name, p) in names.iter().zip(parts) {
-                let r = p.map(|n| format!("{n} partitions")).with_context(|| {
-                    format!("topic does not exist (create it, or run `prefstream check --create-topics N`)")
-                });
+                let r = p
+                    .map(|n| format!("{n} partitions"))
+                    .context("topic does not exist (create it, or run `prefstream check --create-topics N`)");
                 report(&format!("topic {name}"), r);
             }
         }

@@ -1,0 +1,435 @@
+//! Real dependencies for integration and end-to-end tests: redis-server and the tansu broker as
+//! child processes on free ports, the `prefstream` binary as a child process, a Kafka producer
+//! and a reader, and the ledger check that every event is accounted for exactly once.
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use prefstream::event::Event;
+use prefstream::pipeline::Update;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_for_port(port: u16, child: &mut Child, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("{what} exited early ({status}) on port {port}");
+        }
+        assert!(Instant::now() < deadline, "{what} did not listen on port {port} within 20 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn kill(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// A redis-server child. `persistent` servers write an AOF with `appendfsync always` into their
+/// own directory, so a SIGKILL and restart loses nothing (as production must run it).
+pub struct RedisServer {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    persistent: bool,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub fn start() -> Self {
+        Self::launch(false)
+    }
+
+    pub fn start_persistent() -> Self {
+        Self::launch(true)
+    }
+
+    fn launch(persistent: bool) -> Self {
+        let mut s = Self { port: free_port(), dir: tempfile::tempdir().unwrap(), persistent, child: None };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let port = self.port.to_string();
+        let mut args = vec!["--port", &port, "--bind", "127.0.0.1", "--save", ""];
+        if self.persistent {
+            args.extend(["--appendonly", "yes", "--appendfsync", "always"]);
+        } else {
+            args.extend(["--appendonly", "no"]);
+        }
+        let mut child = Command::new("redis-server")
+            .args(&args)
+            .current_dir(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start redis-server ({e}): run scripts/redis.sh or `apt-get install -y redis-server`")
+            });
+        wait_for_port(self.port, &mut child, "redis-server");
+        self.child = Some(child);
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// SIGKILL (no clean shutdown).
+    pub fn kill(&mut self) {
+        kill(&mut self.child);
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url()).unwrap().get_connection().unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The tansu binary: `$TANSU_BIN`, `scripts/tansu.sh`'s install location, or `PATH`.
+pub fn tansu_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("TANSU_BIN") {
+        return p.into();
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    let tools = std::env::var("PREFSTREAM_TOOLS").unwrap_or_else(|_| format!("{home}/.cache/prefstream/tools"));
+    let p = Path::new(&tools).join("bin/tansu");
+    if p.exists() {
+        return p;
+    }
+    PathBuf::from("tansu")
+}
+
+/// A tansu broker (a Kafka-protocol broker in its own process, memory storage).
+pub struct Tansu {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Tansu {
+    pub fn start() -> Self {
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let mut child = Command::new(tansu_bin())
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start tansu ({e}): run `scripts/tansu.sh install` first"));
+        wait_for_port(port, &mut child, "tansu");
+        Self { port, child: Some(child) }
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn create_topic(&self, name: &str, partitions: u32) {
+        let status = Command::new(tansu_bin())
+            .args(["topic", "create", "--broker", &format!("tcp://127.0.0.1:{}", self.port)])
+            .args(["--partitions", &partitions.to_string(), name])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "tansu topic create {name}: {status}");
+    }
+
+    /// The three topics of the service.
+    pub fn create_service_topics(&self, partitions: u32) {
+        self.create_topic(EVENTS, partitions);
+        self.create_topic(UPDATES, partitions);
+        self.create_topic(DLQ, 1);
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+pub const EVENTS: &str = "prefstream.events";
+pub const UPDATES: &str = "prefstream.updates";
+pub const DLQ: &str = "prefstream.events.dlq";
+
+/// A `prefstream run` child process; its log goes to a file that is printed if the test fails.
+pub struct Service {
+    child: Option<Child>,
+    pub log: PathBuf,
+    pub http_port: u16,
+}
+
+impl Service {
+    pub fn start(brokers: &str, redis_url: &str, name: &str, extra: &[&str]) -> Self {
+        let log = std::env::temp_dir().join(format!("prefstream-e2e-{name}-{}.log", std::process::id()));
+        let http_port = free_port();
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_prefstream"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["run", "--brokers", brokers, "--redis-url", redis_url, "--group", "prefstream-e2e"])
+            .args(["--http", &format!("127.0.0.1:{http_port}"), "--log-format", "text"])
+            .args(["--greedy", "--max-batch", "16", "--commit-interval", "200ms", "--recover-interval", "3s"])
+            // A killed member must leave the group quickly (librdkafka's default is 45 s).
+            .args(["-X", "session.timeout.ms=6000", "-X", "heartbeat.interval.ms=1000"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        Self { child: Some(child), log, http_port }
+    }
+
+    pub fn kill9(&mut self) {
+        kill(&mut self.child);
+    }
+
+    /// SIGTERM and wait: the service must drain and exit 0.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("service did not exit within 60 s of SIGTERM; log: {}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn metrics(&self) -> String {
+        http_get(self.http_port, "/metrics")
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+        if std::thread::panicking() {
+            eprintln!("---- service log {} ----\n{}", self.log.display(), self.log_text());
+        }
+    }
+}
+
+/// A minimal HTTP GET (the tests avoid an HTTP client dependency).
+pub fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return String::new() };
+    let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+pub fn producer(brokers: &str) -> BaseProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("message.max.bytes", "4000000")
+        .set("linger.ms", "5")
+        .create()
+        .unwrap()
+}
+
+/// Produces (key, payload) records and waits until all are acknowledged.
+pub fn produce(brokers: &str, topic: &str, records: &[(Option<&[u8]>, &[u8])]) {
+    let p = producer(brokers);
+    for (key, payload) in records {
+        loop {
+            let mut r = BaseRecord::<[u8], [u8]>::to(topic).payload(payload);
+            if let Some(k) = key {
+                r = r.key(k);
+            }
+            match p.send(r) {
+                Ok(()) => break,
+                Err((e, _)) => {
+                    assert!(
+                        matches!(e.rdkafka_error_code(), Some(rdkafka::types::RDKafkaErrorCode::QueueFull)),
+                        "produce: {e}"
+                    );
+                    p.poll(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+    p.flush(Duration::from_secs(60)).expect("all records acknowledged");
+}
+
+pub fn produce_events(brokers: &str, events: &[Event]) {
+    let payloads: Vec<(String, String)> = events.iter().map(|e| (e.user_id.clone(), e.to_json())).collect();
+    let records: Vec<(Option<&[u8]>, &[u8])> =
+        payloads.iter().map(|(k, v)| (Some(k.as_bytes()), v.as_bytes())).collect();
+    produce(brokers, EVENTS, &records);
+}
+
+/// One message read back.
+#[derive(Debug, Clone)]
+pub struct Read {
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: HashMap<String, String>,
+}
+
+/// Every message currently in `topic` (all partitions, from the beginning; no consumer group).
+/// Reads until the topic has been quiet for a second: tansu 0.6's high watermark counts record
+/// batches, not records, so watermarks cannot tell where the end is.
+pub fn read_all(brokers: &str, topic: &str) -> Vec<Read> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("reader-{}", free_port()))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in md.topics()[0].partitions() {
+        tpl.add_partition_offset(topic, p.id(), Offset::Beginning).unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let mut last = Instant::now();
+    while last.elapsed() < Duration::from_secs(1) {
+        match c.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                last = Instant::now();
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.push(Read { key: m.key().map(<[u8]>::to_vec), payload: m.payload().map(<[u8]>::to_vec), headers });
+            }
+            Some(Err(e)) => panic!("reading {topic}: {e}"),
+            None => {}
+        }
+    }
+    out
+}
+
+pub fn updates(brokers: &str) -> Vec<Update> {
+    read_all(brokers, UPDATES)
+        .into_iter()
+        .filter_map(|r| r.payload)
+        .map(|p| serde_json::from_slice(&p).expect("updates follow the schema"))
+        .collect()
+}
+
+/// Synthetic events: `users` users with `per_user` events each, in per-user time order.
+pub fn synth_events(users: usize, per_user: usize, seed: u64) -> Vec<Event> {
+    use prefstream::train::synth::{generate, SynthConfig};
+    let world = generate(&SynthConfig {
+        seed,
+        users,
+        test_users: 0,
+        signals_per_user: per_user,
+        test_pairs_per_user: 1,
+        ..SynthConfig::default()
+    });
+    world.events
+}
+
+/// Waits until `count(updates)` reaches `want` distinct (user, version) pairs.
+pub fn wait_for_versions(brokers: &str, want: usize, timeout: Duration, service_logs: &[&Service]) -> Vec<Update> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let u = updates(brokers);
+        let distinct: BTreeSet<(String, u64)> = u.iter().map(|u| (u.user_id.clone(), u.version)).collect();
+        if distinct.len() >= want {
+            return u;
+        }
+        if Instant::now() > deadline {
+            for s in service_logs {
+                eprintln!("---- {} ----\n{}", s.log.display(), s.log_text());
+            }
+            panic!("only {} of {want} versions published within {timeout:?}: {distinct:?}", distinct.len());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The delivery guarantees, checked from the outside: for every user, versions 1..=⌊n/4⌋ were
+/// published exactly once each in content (a re-publication repeats the same window), their
+/// windows are disjoint, and windows plus the pending partial window in Redis hold every
+/// event id exactly once; nothing is in flight or parked; Redis has the last version.
+pub fn check_ledger(events: &[Event], updates: &[Update], redis: &mut redis::Connection, window: usize) {
+    let mut ids_by_user: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for e in events {
+        ids_by_user.entry(&e.user_id).or_default().insert(&e.event_id);
+    }
+    let mut by_version: BTreeMap<(&str, u64), &Update> = BTreeMap::new();
+    for u in updates {
+        if let Some(prev) = by_version.insert((&u.user_id, u.version), u) {
+            assert_eq!(
+                (&prev.event_ids, &prev.description),
+                (&u.event_ids, &u.description),
+                "user {} version {} was applied twice with different windows",
+                u.user_id,
+                u.version
+            );
+        }
+    }
+    for (user, ids) in &ids_by_user {
+        let n = ids.len() / window;
+        let versions: Vec<u64> = by_version.keys().filter(|(u, _)| u == user).map(|(_, v)| *v).collect();
+        assert_eq!(versions, (1..=n as u64).collect::<Vec<_>>(), "versions of {user}");
+        let mut seen: BTreeSet<String> = BTreeSet::new();
+        for v in 1..=n as u64 {
+            let u = by_version[&(*user, v)];
+            assert_eq!(u.event_ids.len(), window, "{user} v{v}");
+            assert_eq!(u.previous_version, v - 1);
+            for id in &u.event_ids {
+                assert!(seen.insert(id.clone()), "{user}: event {id} in two windows");
+            }
+        }
+        let pending: Vec<String> =
+            redis::cmd("LRANGE").arg(format!("pref:{{{user}}}:pending")).arg(0).arg(-1).query(redis).unwrap();
+        for p in pending {
+            let e: Event = serde_json::from_str(&p).unwrap();
+            assert!(seen.insert(e.event_id.clone()), "{user}: pending event {} also in a window", e.event_id);
+        }
+        let expected: BTreeSet<String> = ids.iter().map(|s| s.to_string()).collect();
+        assert_eq!(seen, expected, "{user}: events lost or invented");
+        let version: Option<u64> =
+            redis::cmd("HGET").arg(format!("pref:{{{user}}}:desc")).arg("version").query(redis).unwrap();
+        assert_eq!(version.unwrap_or(0), n as u64, "{user}: stored version");
+        for suffix in ["inflight", "parked"] {
+            let len: usize = redis::cmd("HLEN").arg(format!("pref:{{{user}}}:{suffix}")).query(redis).unwrap();
+            assert_eq!(len, 0, "{user}: {suffix} windows left");
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! The service in-process on librdkafka's mock cluster, with a real redis-server and the shipped
+//! model: windows → versions, forget → state erased and tombstone last, metrics and readiness.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use prefstream::config::parse_duration;
+use prefstream::engine::{BatcherConfig, Engine};
+use prefstream::event::{Event, EventBody};
+use prefstream::kafka::KafkaClient;
+use prefstream::pipeline::PipelineConfig;
+use prefstream::runtime::Device;
+use prefstream::sampling::SamplingParams;
+use prefstream::service::{serve, ServiceConfig, Topics};
+use prefstream::state::redis::RedisStore;
+use prefstream::telemetry::{serve_http, Health, Metrics};
+use rdkafka::mocking::MockCluster;
+use tokio::sync::watch;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mock_cluster_redis_forget_and_metrics() {
+    let redis = RedisServer::start();
+    let cluster = MockCluster::new(1).unwrap();
+    for (t, p) in [(EVENTS, 4), (UPDATES, 4), (DLQ, 1)] {
+        cluster.create_topic(t, p, 1).unwrap();
+    }
+    let brokers = cluster.bootstrap_servers();
+    let events = synth_events(6, 21, 21);
+    let gone = events[0].user_id.clone();
+    let forget = Event {
+        schema_version: 1,
+        event_id: "forget-1".into(),
+        user_id: gone.clone(),
+        ts: "2026-11-26T23:00:00Z".into(),
+        body: EventBody::Forget,
+    };
+    let b = brokers.clone();
+    let all: Vec<Event> = events.iter().cloned().chain([forget]).collect();
+    tokio::task::spawn_blocking(move || produce_events(&b, &all)).await.unwrap();
+
+    let engine = Engine::spawn("onnx".as_ref(), Device::Cpu, BatcherConfig { max_batch: 16, ..Default::default() })
+        .expect("the shipped model loads (run scripts/setup.sh for ONNX Runtime)");
+    let store = RedisStore::connect(&redis.url()).await.unwrap();
+    let cfg = ServiceConfig {
+        kafka: KafkaClient { brokers: brokers.clone(), options: vec![] },
+        group: "mock-test".into(),
+        topics: Topics::default(),
+        pipeline: PipelineConfig { sampling: SamplingParams::GREEDY, ..PipelineConfig::default() },
+        commit_interval: parse_duration("200ms").unwrap(),
+        pause_after: Duration::from_secs(1),
+        drain_timeout: Duration::from_secs(5),
+        buffer: 1024,
+    };
+    let (metrics, health) = (Metrics::new(), Arc::new(Health::default()));
+    for f in [&health.engine, &health.redis] {
+        f.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let addr = serve_http("127.0.0.1:0".parse().unwrap(), metrics.clone(), health.clone(), std::future::pending())
+        .await
+        .unwrap();
+    let service = tokio::spawn(serve(cfg, Arc::new(store), Arc::new(engine), metrics.clone(), health, stop_rx));
+
+    // Everyone's windows, then the tombstone for the forgotten user.
+    let others: Vec<Event> = events.iter().filter(|e| e.user_id != gone).cloned().collect();
+    let want_others = 5 * 5;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let reads = loop {
+        let b = brokers.clone();
+        let reads = tokio::task::spawn_blocking(move || read_all(&b, UPDATES)).await.unwrap();
+        let tombstone = reads.iter().any(|r| r.payload.is_none());
+        let versions = reads
+            .iter()
+            .filter_map(|r| r.payload.as_ref())
+            .map(|p| serde_json::from_slice::<prefstream::pipeline::Update>(p).unwrap())
+            .filter(|u| u.user_id != gone)
+            .map(|u| (u.user_id, u.version))
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
+        if tombstone && versions >= want_others {
+            break reads;
+        }
+        assert!(Instant::now() < deadline, "timed out: {versions} versions, tombstone {tombstone}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // The forgotten user: the tombstone is their last message, and no key of theirs is left.
+    let theirs: Vec<_> = reads.iter().filter(|r| r.key.as_deref() == Some(gone.as_bytes())).collect();
+    assert!(theirs.last().unwrap().payload.is_none(), "the tombstone comes after the user's updates");
+    let mut conn = redis.conn();
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("pref:{{{gone}}}:*")).query(&mut conn).unwrap();
+    assert!(keys.is_empty(), "state of a forgotten user left: {keys:?}");
+
+    let updates: Vec<_> = reads
+        .iter()
+        .filter_map(|r| r.payload.as_ref())
+        .map(|p| serde_json::from_slice(p).unwrap())
+        .filter(|u: &prefstream::pipeline::Update| u.user_id != gone)
+        .collect();
+    for u in &updates {
+        prefstream::event::validate_update_value(&serde_json::to_value(u).unwrap()).expect("update schema");
+    }
+    check_ledger(&others, &updates, &mut conn, 4);
+
+    let text = http_get(addr.port(), "/metrics");
+    for line in [
+        "prefstream_events_total{outcome=\"forget\"} 1",
+        "prefstream_tombstones_published_total 1",
+        "prefstream_windows_total{outcome=\"applied\"}",
+    ] {
+        assert!(text.contains(line), "metrics lack {line:?}:\n{text}");
+    }
+    assert!(http_get(addr.port(), "/healthz").contains("200 OK"));
+    assert!(http_get(addr.port(), "/readyz").contains("200 OK"), "ready once assigned");
+
+    stop_tx.send(true).unwrap();
+    let summary = tokio::time::timeout(Duration::from_secs(60), service).await.expect("drains").unwrap().unwrap();
+    assert_eq!(summary.records as usize, events.len() + 1);
+    drop(cluster);
+}
