@@ -1,0 +1,254 @@
+//! Service throughput (`harness = false`): events through consume → validate → window (Redis)
+//! → infer → compare-and-set (Redis) → publish, on librdkafka's mock cluster and a real
+//! redis-server started here.
+//!
+//! ```text
+//! cargo bench --bench pipeline -- [--events N] [--users U] [--lanes L] [--model DIR] [--windows W]
+//! ```
+//!
+//! Two runs:
+//! 1. the delivery machinery alone: the model is replaced by an *instant inferencer* (this file
+//!    only; the product always runs the real model) — events/s until every event is durable and
+//!    every window's update is acknowledged, and Redis commands per event (from `INFO stats`);
+//! 2. the real default model end to end: windows/s (W windows, default 256).
+
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prefstream::engine::{BatcherConfig, Engine, InferResult, Inferencer, ModelRef, Request, Result as EngineResult};
+use prefstream::kafka::KafkaClient;
+use prefstream::pipeline::PipelineConfig;
+use prefstream::runtime::Device;
+use prefstream::sampling::SamplingParams;
+use prefstream::service::{serve, ServiceConfig, Topics};
+use prefstream::state::redis::RedisStore;
+use prefstream::telemetry::{Health, Metrics};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use serde_json::json;
+
+/// Answers at once with a valid description (bench only).
+struct InstantInferencer;
+
+#[async_trait::async_trait]
+impl Inferencer for InstantInferencer {
+    fn model(&self) -> ModelRef {
+        ModelRef { name: "instant".into(), version: "0".into(), template: prefstream::prompt::TEMPLATE_ID.into() }
+    }
+
+    async fn infer(&self, req: Request) -> EngineResult<InferResult> {
+        Ok(InferResult {
+            description: Some(format!("likes {} things", req.signals.len())),
+            reasoning: String::new(),
+            format_ok: true,
+            format_error: None,
+            raw: String::new(),
+            tokens: 0,
+            latency_ms: 0.0,
+        })
+    }
+}
+
+struct Redis(Child, u16);
+
+impl Redis {
+    fn start() -> Self {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .current_dir(std::env::temp_dir())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/redis.sh installs it)");
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Redis(child, port)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.1)
+    }
+
+    fn commands(&self) -> u64 {
+        let mut c = redis::Client::open(self.url()).unwrap().get_connection().unwrap();
+        let info: String = redis::cmd("INFO").arg("stats").query(&mut c).unwrap();
+        info.lines().find_map(|l| l.strip_prefix("total_commands_processed:")).unwrap().trim().parse().unwrap()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Args {
+    events: usize,
+    users: usize,
+    lanes: usize,
+    windows: usize,
+    model: String,
+}
+
+fn args() -> Args {
+    let mut a = Args { events: 200_000, users: 25_000, lanes: 64, windows: 256, model: "onnx".into() };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < argv.len() {
+        let val = || argv.get(i + 1).cloned().unwrap_or_default();
+        match argv[i].as_str() {
+            "--events" => a.events = val().parse().unwrap(),
+            "--users" => a.users = val().parse().unwrap(),
+            "--lanes" => a.lanes = val().parse().unwrap(),
+            "--windows" => a.windows = val().parse().unwrap(),
+            "--model" => a.model = val(),
+            _ => {
+                i += 1;
+                continue; // cargo bench passes `--bench`
+            }
+        }
+        i += 2;
+    }
+    a
+}
+
+fn produce(brokers: &str, events: usize, users: usize) {
+    let p: ThreadedProducer<DefaultProducerContext> = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "20")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .unwrap();
+    for i in 0..events {
+        let user = format!("user-{:06}", i % users);
+        let payload = json!({
+            "schema_version": 1, "event_id": format!("ev-{i:08}"), "user_id": user,
+            "ts": "2026-11-26T10:00:00Z", "kind": "ugc", "text": "I mostly read history books on the train."
+        })
+        .to_string();
+        loop {
+            match p.send(BaseRecord::to("prefstream.events").key(&user).payload(&payload)) {
+                Ok(()) => break,
+                Err(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+    }
+    p.flush(Duration::from_secs(120)).unwrap();
+}
+
+struct Outcome {
+    seconds: f64,
+    durable_seconds: f64,
+    updates: u64,
+    redis_commands: u64,
+}
+
+async fn run_once(
+    events: usize,
+    users: usize,
+    lanes: usize,
+    inferencer: Arc<dyn Inferencer>,
+    max_active: usize,
+) -> Outcome {
+    let redis = Redis::start();
+    let cluster = MockCluster::new(1).unwrap();
+    let topics = Topics::default();
+    for (t, p) in [(&topics.events, 8), (&topics.updates, 8), (&topics.dlq, 1)] {
+        cluster.create_topic(t, p, 1).unwrap();
+    }
+    let brokers = cluster.bootstrap_servers();
+    let b = brokers.clone();
+    tokio::task::spawn_blocking(move || produce(&b, events, users)).await.unwrap();
+    let store = RedisStore::connect(&redis.url()).await.unwrap();
+    let cfg = ServiceConfig {
+        kafka: KafkaClient { brokers, options: vec![] },
+        group: "bench".into(),
+        topics,
+        pipeline: PipelineConfig {
+            lanes,
+            max_active_windows: max_active,
+            sampling: SamplingParams::GREEDY,
+            ..PipelineConfig::default()
+        },
+        commit_interval: Duration::from_secs(1),
+        pause_after: Duration::from_secs(1),
+        drain_timeout: Duration::from_secs(10),
+        buffer: 8192,
+    };
+    let (metrics, health) = (Metrics::new(), Arc::new(Health::default()));
+    health.redis.store(true, Ordering::Relaxed);
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let before = redis.commands();
+    let m = metrics.clone();
+    let task = tokio::spawn(serve(cfg, Arc::new(store), inferencer, m, health, stop_rx));
+    let want_updates = (users * (events / users / 4)) as u64; // events spread evenly over users
+                                                              // Timing starts when the first record arrives (the group join is not throughput).
+    let appended = || metrics.events.with_label_values(&["appended"]).get();
+    while appended() == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let started = Instant::now();
+    let mut durable_seconds = 0.0;
+    loop {
+        if durable_seconds == 0.0 && appended() as usize >= events {
+            durable_seconds = started.elapsed().as_secs_f64();
+        }
+        if metrics.updates_published.get() >= want_updates && durable_seconds > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let redis_commands = redis.commands() - before;
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+    drop(cluster);
+    Outcome { seconds, durable_seconds, updates: metrics.updates_published.get(), redis_commands }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let a = args();
+    prefstream::telemetry::init_logging(prefstream::telemetry::LogFormat::Text);
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    println!("machine: {cores} cores; mock cluster (in-process) + redis-server (localhost)\n");
+
+    let o = run_once(a.events, a.users, a.lanes, Arc::new(InstantInferencer), 256).await;
+    println!("| run | events | windows | seconds | events/s | Redis commands/event |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| instant inferencer, to durable (appended) | {} | – | {:.2} | {:.0} | – |",
+        a.events,
+        o.durable_seconds,
+        a.events as f64 / o.durable_seconds
+    );
+    println!(
+        "| instant inferencer, all updates published | {} | {} | {:.2} | {:.0} | {:.2} |",
+        a.events,
+        o.updates,
+        o.seconds,
+        a.events as f64 / o.seconds,
+        o.redis_commands as f64 / a.events as f64
+    );
+
+    let engine = Engine::spawn(a.model.as_ref(), Device::Cpu, BatcherConfig { max_batch: 16, ..Default::default() })
+        .expect("model package (run scripts/setup.sh)");
+    let users = a.windows.min(64);
+    let events = a.windows * 4;
+    let o = run_once(events, users, a.lanes, Arc::new(engine), 32).await;
+    println!(
+        "| default model ({}), max batch 16 | {} | {} | {:.2} | {:.0} ({:.2} windows/s) | {:.2} |",
+        a.model,
+        events,
+        o.updates,
+        o.seconds,
+        events as f64 / o.seconds,
+        o.updates as f64 / o.seconds,
+        o.redis_commands as f64 / events as f64
+    );
+}
