@@ -41,3 +41,11 @@ if ! command -v redis-server >/dev/null 2>&1; then
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server >/dev/null
 fi
 echo "setup: $(redis-server --version | cut -d' ' -f1-3)"
+
+# OpenSSL headers: librdkafka is built with TLS (SSL, SASL_SSL, SCRAM).
+if ! pkg-config --exists openssl 2>/dev/null; then
+  echo "setup: installing libssl-dev and pkg-config (Debian packages) for Kafka TLS"
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq libssl-dev pkg-config >/dev/null
+fi

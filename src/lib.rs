@@ -9,6 +9,7 @@ pub mod offsets;
 pub mod onnx;
 pub mod pipeline;
 pub mod prompt;
+pub mod replay;
 pub mod runtime;
 pub mod sampling;
 pub mod service;

@@ -32,6 +32,10 @@ enum Cmd {
     /// The whole service on embedded parts (Kafka mock cluster, in-memory state, the shipped
     /// model) with synthetic users: prints updates as they happen and a summary.
     Demo(DemoArgs),
+    /// Re-derive descriptions from a range of the event log (SRE backfills). Never joins the
+    /// live consumer group. Modes: --dry-run (report only), default (write what live missed,
+    /// live version rules), --rebuild (from no description, staged, swapped in at the end).
+    Replay(ReplayArgs),
     /// Validates the configuration and reaches the brokers, Redis, the model and the device.
     Check(CheckArgs),
     /// Infer one user's preference description from a JSONL file of their events.
@@ -75,6 +79,59 @@ struct DemoArgs {
     /// Address for /metrics, /healthz and /readyz while the demo runs; `off` disables it.
     #[arg(long, env = "PREFSTREAM_HTTP", default_value = "off")]
     http: String,
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    #[arg(long, env = "PREFSTREAM_REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
+    redis_url: String,
+    /// Start of the range (RFC 3339, record timestamps; resolved with offsets-for-times).
+    #[arg(long, env = "PREFSTREAM_REPLAY_FROM", conflicts_with = "offsets")]
+    from: Option<String>,
+    /// End of the range, exclusive (RFC 3339). Default: when the replay starts.
+    #[arg(long, env = "PREFSTREAM_REPLAY_TO", conflicts_with = "offsets")]
+    to: Option<String>,
+    /// Explicit per-partition offsets instead of times: `0:100-200,1:0-50` (end exclusive).
+    #[arg(long, env = "PREFSTREAM_REPLAY_OFFSETS")]
+    offsets: Option<String>,
+    /// Only these users (one user id per line).
+    #[arg(long, env = "PREFSTREAM_REPLAY_USERS")]
+    users: Option<PathBuf>,
+    /// Compute and report what would change; write nothing (Redis and topics untouched).
+    #[arg(long, env = "PREFSTREAM_REPLAY_DRY_RUN", conflicts_with = "rebuild")]
+    dry_run: bool,
+    /// Start the selected users from no description in a staging namespace and swap the
+    /// results in at the end.
+    #[arg(long, env = "PREFSTREAM_REPLAY_REBUILD")]
+    rebuild: bool,
+    /// Rebuild: also replace live descriptions derived from events this replay did not read.
+    #[arg(long, env = "PREFSTREAM_REPLAY_FORCE")]
+    force: bool,
+    /// Read at most this many events per second.
+    #[arg(long, env = "PREFSTREAM_REPLAY_MAX_EVENTS_PER_SEC")]
+    max_events_per_sec: Option<f64>,
+    /// Windows inferred concurrently.
+    #[arg(long, env = "PREFSTREAM_REPLAY_CONCURRENCY", default_value_t = 16)]
+    concurrency: usize,
+    /// Checkpoint file: progress is saved there, and a replay started with an existing one
+    /// resumes where it stopped (write and rebuild modes).
+    #[arg(long, env = "PREFSTREAM_REPLAY_CHECKPOINT")]
+    checkpoint: Option<PathBuf>,
+    /// Write the final report (JSON) here as well as printing a summary.
+    #[arg(long, env = "PREFSTREAM_REPLAY_REPORT")]
+    report: Option<PathBuf>,
+    /// Replay id (names the staging namespace). Default: derived from the start time.
+    #[arg(long, env = "PREFSTREAM_REPLAY_ID")]
+    id: Option<String>,
+    /// The log counts as read to its end after this long without a record.
+    #[arg(long, env = "PREFSTREAM_REPLAY_IDLE_END", default_value = "3s", value_parser = parse_duration)]
+    idle_end: Duration,
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    pipeline: PipelineArgs,
 }
 
 #[derive(Args)]
@@ -135,6 +192,10 @@ fn main() -> Result<()> {
         Cmd::Demo(args) => {
             telemetry::init_logging(LogFormat::Text);
             runtime()?.block_on(demo(args))
+        }
+        Cmd::Replay(args) => {
+            telemetry::init_logging(LogFormat::Text);
+            runtime()?.block_on(replay(args))
         }
         Cmd::Check(args) => {
             telemetry::init_logging(LogFormat::Text);
@@ -251,6 +312,101 @@ async fn demo(args: DemoArgs) -> Result<()> {
     }
     if ((s.updates + s.parked) as usize) < s.windows_expected {
         bail!("the demo did not finish: {} of {} windows", s.updates + s.parked, s.windows_expected);
+    }
+    Ok(())
+}
+
+fn rfc3339_ms(s: &str, flag: &str) -> Result<i64> {
+    Ok(chrono::DateTime::parse_from_rfc3339(s)
+        .with_context(|| format!("{flag} {s:?} is not RFC 3339"))?
+        .timestamp_millis())
+}
+
+async fn replay(args: ReplayArgs) -> Result<()> {
+    use prefstream::kafka::reader::{parse_offsets, resolve_times};
+    use prefstream::replay::{Mode, ReplayConfig};
+    let mut pipeline = args.pipeline.pipeline(&args.model).map_err(anyhow::Error::msg)?;
+    pipeline.max_active_windows = args.concurrency.max(1);
+    let client = args.kafka.client();
+    let topics = args.kafka.topics();
+    let range = match (&args.offsets, &args.from) {
+        (Some(o), _) => parse_offsets(o).map_err(anyhow::Error::msg)?,
+        (None, Some(from)) => {
+            let from = rfc3339_ms(from, "--from")?;
+            let to = match &args.to {
+                Some(t) => rfc3339_ms(t, "--to")?,
+                None => chrono::Utc::now().timestamp_millis(),
+            };
+            anyhow::ensure!(from < to, "--from must be before --to");
+            let (c, t) = (client.clone(), topics.events.clone());
+            tokio::task::spawn_blocking(move || resolve_times(&c, &t, from, to)).await??
+        }
+        (None, None) => bail!("give a range: --from/--to (RFC 3339) or --offsets P:START-END,..."),
+    };
+    let users = match &args.users {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("--users {}", path.display()))?;
+            Some(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect())
+        }
+        None => None,
+    };
+    let mode = if args.dry_run {
+        Mode::DryRun
+    } else if args.rebuild {
+        Mode::Rebuild
+    } else {
+        Mode::Write
+    };
+    let id = args.id.clone().unwrap_or_else(|| chrono::Utc::now().format("%Y%m%dT%H%M%S").to_string());
+    let events_in_range: Option<u64> = match &range.end {
+        prefstream::kafka::reader::End::Offsets(end) => {
+            Some(range.start.iter().map(|(p, s)| end.get(p).map_or(0, |e| (e - s).max(0) as u64)).sum())
+        }
+        prefstream::kafka::reader::End::Time(_) => None,
+    };
+    let cfg = ReplayConfig {
+        kafka: client,
+        topics,
+        range,
+        mode,
+        force: args.force,
+        users,
+        max_events_per_sec: args.max_events_per_sec,
+        checkpoint: args.checkpoint.clone(),
+        id,
+        pipeline,
+        idle_end: args.idle_end,
+    };
+    let engine = start_engine(&args.model)?;
+    let live = RedisStore::connect(&args.redis_url)
+        .await
+        .with_context(|| format!("cannot reach Redis at {}", telemetry::redact_url(&args.redis_url)))?;
+    let (_stop_tx, stop_rx) = prefstream::service::shutdown_on_signals();
+    let bar = match events_in_range {
+        Some(n) => indicatif::ProgressBar::new(n),
+        None => indicatif::ProgressBar::new_spinner(),
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {pos}/{len} events [{elapsed_precise}, ETA {eta}] {per_sec}",
+        )
+        .expect("valid template"),
+    );
+    let progress_bar = bar.clone();
+    let report =
+        prefstream::replay::run(cfg, live, Arc::new(engine), stop_rx, move |n| progress_bar.set_position(n)).await;
+    bar.finish_and_clear();
+    let report = report?;
+    if let Some(path) = &args.report {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("--report {}", path.display()))?;
+    }
+    println!("{}", report.summary());
+    for c in &report.changes {
+        println!("  {}: {:?} -> {:?}", c.user, c.before.as_deref().unwrap_or("(none)"), c.after);
+    }
+    if !report.errors.is_empty() {
+        bail!("{} error(s): {}", report.errors.len(), report.errors.join("; "));
     }
     Ok(())
 }

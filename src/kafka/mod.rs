@@ -2,6 +2,7 @@
 //! tombstones and dead letters (`sink`), client configuration with librdkafka pass-through, and
 //! topic administration.
 
+pub mod reader;
 pub mod sink;
 pub mod source;
 

@@ -250,7 +250,10 @@ pub async fn process_window(ctx: &Context, window: &Window) -> Result<WindowOutc
                 (r.description, r.reasoning, r.format_error)
             }
             Err(EngineError::Stopped) => return Err(StageError::Fatal("the engine thread stopped".into())),
-            Err(e) => (None, String::new(), Some(format!("engine error: {e}"))),
+            Err(e) => {
+                ctx.metrics.retries.with_label_values(&["engine"]).inc();
+                (None, String::new(), Some(format!("engine error: {e}")))
+            }
         };
         let Some(description) = description else {
             ctx.metrics.invalid_outputs.inc();

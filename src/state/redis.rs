@@ -27,8 +27,16 @@ const FAIL_LUA: &str = include_str!("fail.lua");
 const SUFFIXES: [&str; 8] = ["desc", "pending", "seen", "seq", "inflight", "attempts", "applied", "parked"];
 
 /// `pref:{<user>}:<suffix>`. Injective even for ids containing braces: suffixes hold no `}:`.
+/// The live namespace.
+pub const NAMESPACE: &str = "pref";
+
+/// A key of the live namespace: `pref:{<user>}:<suffix>`.
 pub fn key(user: &str, suffix: &str) -> String {
-    format!("pref:{{{user}}}:{suffix}")
+    ns_key(NAMESPACE, user, suffix)
+}
+
+fn ns_key(ns: &str, user: &str, suffix: &str) -> String {
+    format!("{ns}:{{{user}}}:{suffix}")
 }
 
 struct Scripts {
@@ -44,6 +52,8 @@ pub struct RedisStore {
     scripts: Arc<Scripts>,
     seen_cap: usize,
     applied_cap: usize,
+    /// Key prefix: `pref` for the live state; replays stage into their own namespace.
+    namespace: String,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -87,6 +97,7 @@ impl RedisStore {
             }),
             seen_cap: DEFAULT_SEEN_CAP,
             applied_cap: DEFAULT_APPLIED_CAP,
+            namespace: NAMESPACE.to_string(),
         })
     }
 
@@ -97,6 +108,57 @@ impl RedisStore {
         let info: String = self.query(::redis::cmd("INFO").arg("server")).await?;
         let version = info.lines().find_map(|l| l.strip_prefix("redis_version:")).unwrap_or("?").trim().to_string();
         Ok(format!("{pong}, redis {version}"))
+    }
+
+    /// The same server under another key prefix (a replay's staging area). The hash tag stays
+    /// the user id, so a user's live and staged keys share a slot.
+    pub fn with_namespace(&self, namespace: &str) -> Self {
+        Self { namespace: namespace.to_string(), ..self.clone() }
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    fn key(&self, user: &str, suffix: &str) -> String {
+        ns_key(&self.namespace, user, suffix)
+    }
+
+    /// Users of this namespace that have a `suffix` key, sorted (SCAN: single node; on
+    /// Cluster, run per primary).
+    pub async fn users_with(&self, suffix: &str) -> Result<Vec<String>, StateError> {
+        let (prefix, tail) = (format!("{}:{{", self.namespace), format!("}}:{suffix}"));
+        let mut users = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let mut cmd = ::redis::cmd("SCAN");
+            cmd.arg(cursor).arg("MATCH").arg(format!("{}:{{*}}:{suffix}", self.namespace)).arg("COUNT").arg(1000);
+            let (next, keys): (u64, Vec<String>) = self.query(&cmd).await?;
+            users.extend(
+                keys.iter()
+                    .filter_map(|k| k.strip_prefix(prefix.as_str())?.strip_suffix(tail.as_str()))
+                    .map(str::to_string),
+            );
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        users.sort();
+        users.dedup(); // SCAN may return a key twice
+        Ok(users)
+    }
+
+    /// Whether every id is in the user's dedupe memory (a replay asks: did I read the events
+    /// the live description came from?).
+    pub async fn has_seen(&self, user: &str, ids: &[String]) -> Result<bool, StateError> {
+        if ids.is_empty() {
+            return Ok(true);
+        }
+        let mut cmd = ::redis::cmd("ZMSCORE");
+        cmd.arg(self.key(user, "seen")).arg(ids);
+        let scores: Vec<Option<f64>> = self.query(&cmd).await?;
+        Ok(scores.iter().all(Option::is_some))
     }
 
     pub fn with_caps(mut self, seen_cap: usize, applied_cap: usize) -> Self {
@@ -143,8 +205,8 @@ impl RedisStore {
         .await
     }
 
-    fn keys(user: &str, suffixes: &[&str]) -> Vec<String> {
-        suffixes.iter().map(|s| key(user, s)).collect()
+    fn keys(&self, user: &str, suffixes: &[&str]) -> Vec<String> {
+        suffixes.iter().map(|s| self.key(user, s)).collect()
     }
 
     /// Turn a script's `{'full', id, body}` into a window, checking that Lua and Rust agree
@@ -178,7 +240,7 @@ fn number<T: std::str::FromStr>(user: &str, reply: &[String]) -> Result<T, State
 impl StateStore for RedisStore {
     async fn append(&self, user: &str, event: &Event, window_size: usize) -> Result<AppendOutcome, StateError> {
         check_append(user, event, window_size)?;
-        let keys = Self::keys(user, &["pending", "seen", "seq", "inflight"]);
+        let keys = self.keys(user, &["pending", "seen", "seq", "inflight"]);
         let args = [event.event_id.clone(), event.to_json(), window_size.to_string(), self.seen_cap.to_string()];
         let reply = self.script(&self.scripts.append, &keys, &args).await?;
         match reply.first().map(String::as_str) {
@@ -193,7 +255,7 @@ impl StateStore for RedisStore {
         if max == 0 {
             return Err(StateError::Invalid("take_partial needs max >= 1".into()));
         }
-        let keys = Self::keys(user, &["pending", "seq", "inflight"]);
+        let keys = self.keys(user, &["pending", "seq", "inflight"]);
         let reply = self.script(&self.scripts.take, &keys, &[max.to_string()]).await?;
         match reply.first().map(String::as_str) {
             Some("empty") => Ok(None),
@@ -203,11 +265,11 @@ impl StateStore for RedisStore {
     }
 
     async fn pending_len(&self, user: &str) -> Result<usize, StateError> {
-        self.query(::redis::cmd("LLEN").arg(key(user, "pending"))).await
+        self.query(::redis::cmd("LLEN").arg(self.key(user, "pending"))).await
     }
 
     async fn current(&self, user: &str) -> Result<Option<Description>, StateError> {
-        let h: HashMap<String, String> = self.query(::redis::cmd("HGETALL").arg(key(user, "desc"))).await?;
+        let h: HashMap<String, String> = self.query(::redis::cmd("HGETALL").arg(self.key(user, "desc"))).await?;
         if h.is_empty() {
             return Ok(None);
         }
@@ -231,7 +293,7 @@ impl StateStore for RedisStore {
         event_ids: &[String],
         model: &str,
     ) -> Result<ApplyOutcome, StateError> {
-        let keys = Self::keys(user, &["desc", "applied", "inflight", "attempts", "parked"]);
+        let keys = self.keys(user, &["desc", "applied", "inflight", "attempts", "parked"]);
         let ids = serde_json::to_string(event_ids).map_err(|e| StateError::Invalid(e.to_string()))?;
         let args = [
             window_id.to_string(),
@@ -252,13 +314,17 @@ impl StateStore for RedisStore {
     }
 
     async fn applied_version(&self, user: &str, window_id: &str) -> Result<Option<u64>, StateError> {
-        let v: Option<f64> = self.query(::redis::cmd("ZSCORE").arg(key(user, "applied")).arg(window_id)).await?;
+        let v: Option<f64> = self.query(::redis::cmd("ZSCORE").arg(self.key(user, "applied")).arg(window_id)).await?;
         Ok(v.map(|v| v as u64))
     }
 
     async fn complete(&self, user: &str, window_id: &str) -> Result<(), StateError> {
         let mut pipe = ::redis::pipe();
-        pipe.atomic().hdel(key(user, "inflight"), window_id).ignore().hdel(key(user, "attempts"), window_id).ignore();
+        pipe.atomic()
+            .hdel(self.key(user, "inflight"), window_id)
+            .ignore()
+            .hdel(self.key(user, "attempts"), window_id)
+            .ignore();
         self.retry(|mut c| {
             let pipe = pipe.clone();
             async move { pipe.query_async::<()>(&mut c).await }
@@ -273,7 +339,7 @@ impl StateStore for RedisStore {
         reason: &str,
         max_retries: u32,
     ) -> Result<FailOutcome, StateError> {
-        let keys = Self::keys(user, &["inflight", "attempts", "parked"]);
+        let keys = self.keys(user, &["inflight", "attempts", "parked"]);
         let args = [window_id.to_string(), reason.to_string(), max_retries.to_string()];
         let reply = self.script(&self.scripts.fail, &keys, &args).await?;
         match reply.first().map(String::as_str) {
@@ -285,7 +351,7 @@ impl StateStore for RedisStore {
     }
 
     async fn inflight(&self, user: &str) -> Result<Vec<Window>, StateError> {
-        let h: HashMap<String, String> = self.query(::redis::cmd("HGETALL").arg(key(user, "inflight"))).await?;
+        let h: HashMap<String, String> = self.query(::redis::cmd("HGETALL").arg(self.key(user, "inflight"))).await?;
         let mut v = Vec::with_capacity(h.len());
         for (id, body) in &h {
             let (seq, w) = window_from(user, body)?;
@@ -299,25 +365,7 @@ impl StateStore for RedisStore {
     }
 
     async fn recover(&self) -> Result<Vec<Window>, StateError> {
-        // SCAN the keyspace for inflight hashes (single node; on Cluster, run per primary).
-        let mut users = Vec::new();
-        let mut cursor: u64 = 0;
-        loop {
-            let mut cmd = ::redis::cmd("SCAN");
-            cmd.arg(cursor).arg("MATCH").arg("pref:{*}:inflight").arg("COUNT").arg(1000);
-            let (next, keys): (u64, Vec<String>) = self.query(&cmd).await?;
-            users.extend(
-                keys.iter()
-                    .filter_map(|k| k.strip_prefix("pref:{").and_then(|k| k.strip_suffix("}:inflight")))
-                    .map(str::to_string),
-            );
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
-        users.sort();
-        users.dedup(); // SCAN may return a key twice
+        let users = self.users_with("inflight").await?;
         let mut out = Vec::new();
         for u in users {
             out.extend(self.inflight(&u).await?);
@@ -326,7 +374,7 @@ impl StateStore for RedisStore {
     }
 
     async fn parked(&self, user: &str) -> Result<Vec<ParkedWindow>, StateError> {
-        let h: HashMap<String, String> = self.query(::redis::cmd("HGETALL").arg(key(user, "parked"))).await?;
+        let h: HashMap<String, String> = self.query(::redis::cmd("HGETALL").arg(self.key(user, "parked"))).await?;
         let mut v = Vec::with_capacity(h.len());
         for body in h.values() {
             let p: StoredParked =
@@ -341,7 +389,7 @@ impl StateStore for RedisStore {
     async fn forget(&self, user: &str) -> Result<(), StateError> {
         // One DEL of same-slot keys: atomic, and Cluster-safe thanks to the hash tag.
         let mut cmd = ::redis::cmd("DEL");
-        for k in Self::keys(user, &SUFFIXES) {
+        for k in self.keys(user, &SUFFIXES) {
             cmd.arg(k);
         }
         let _: i64 = self.query(&cmd).await?;
