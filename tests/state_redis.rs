@@ -132,6 +132,7 @@ async fn key_layout_contract() {
     }
     let w = store.inflight(u).await.unwrap().remove(0);
     store.apply(u, &w.id, 0, "likes brevity", &w.event_ids(), "tiny-v1").await.unwrap();
+    store.complete(u, &w.id).await.unwrap();
     store.append(u, &event(u, "k9", 9), 4).await.unwrap();
 
     assert_eq!(key(u, "desc"), "pref:{user:{odd}}:desc");
