@@ -83,10 +83,12 @@ pub struct ModelArgs {
     /// How long the engine waits for more windows to fill a batch.
     #[arg(long, env = "PREFSTREAM_BATCH_WAIT", default_value = "5ms", value_parser = parse_duration)]
     pub batch_wait: Duration,
-    /// Greedy decoding on the first attempt (reproducible; replays use it). Default: the
-    /// paper's sampling, seeded by the window id. Retries after invalid output always sample.
+    /// Greedy decoding on the first attempt. Default: the paper's sampling, seeded by the window
+    /// id and --seed (also reproducible). Retries after invalid output always sample. A replay
+    /// reproduces live when it uses the same decoding flags.
     #[arg(long, env = "PREFSTREAM_GREEDY")]
     pub greedy: bool,
+    /// Base seed of the per-window sampling seeds.
     #[arg(long, env = "PREFSTREAM_SEED", default_value_t = 0)]
     pub seed: u64,
 }
@@ -123,6 +125,7 @@ pub struct PipelineArgs {
     /// Pause the partitions after the pipeline refused records this long.
     #[arg(long, env = "PREFSTREAM_PAUSE_AFTER", default_value = "1s", value_parser = parse_duration)]
     pub pause_after: Duration,
+    /// How often durable offsets are committed (also on revoke and shutdown).
     #[arg(long, env = "PREFSTREAM_COMMIT_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub commit_interval: Duration,
     /// On revoke, how long to wait for the revoked partitions' records before committing.
@@ -153,6 +156,7 @@ impl PipelineArgs {
             seed: model.seed,
             recover_interval: self.recover_interval.max(Duration::from_secs(1)),
             shutdown_timeout: self.shutdown_timeout,
+            apply_forgets: true,
         })
     }
 

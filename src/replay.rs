@@ -180,6 +180,10 @@ pub async fn run(
 ) -> anyhow::Result<ReplayReport> {
     let started = Instant::now();
     let mut report = ReplayReport { mode: Some(cfg.mode), ..Default::default() };
+    cfg.pipeline.apply_forgets = cfg.mode != Mode::Write;
+    if cfg.mode == Mode::DryRun {
+        cfg.checkpoint = None; // a dry run writes nothing but its report; it is not resumable
+    }
     let previous = match &cfg.checkpoint {
         Some(path) => load_checkpoint(path)?,
         None => None,
@@ -327,6 +331,10 @@ pub async fn run(
                 }
             }
             kafka.flush(Duration::from_secs(10));
+            // Skipped users and users without a full window leave staged keys behind.
+            if report.errors.is_empty() {
+                staging.clear_namespace().await?;
+            }
         }
     }
     report.seconds = started.elapsed().as_secs_f64();

@@ -107,7 +107,7 @@ struct ReplayArgs {
     #[arg(long, env = "PREFSTREAM_REPLAY_REBUILD")]
     rebuild: bool,
     /// Rebuild: also replace live descriptions derived from events this replay did not read.
-    #[arg(long, env = "PREFSTREAM_REPLAY_FORCE")]
+    #[arg(long, env = "PREFSTREAM_REPLAY_FORCE", requires = "rebuild")]
     force: bool,
     /// Read at most this many events per second.
     #[arg(long, env = "PREFSTREAM_REPLAY_MAX_EVENTS_PER_SEC")]

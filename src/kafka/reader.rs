@@ -205,6 +205,8 @@ pub fn spawn_reader(
                 if records.blocking_send(record).is_err() {
                     break;
                 }
+                // Only empty polls count towards `idle_end`, not waiting for the pipeline.
+                last = Instant::now();
                 stats.read += 1;
                 progress(stats.read);
                 if let Some(u) = user {

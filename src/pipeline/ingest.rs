@@ -128,6 +128,10 @@ async fn handle(ctx: &Context, record: Record, jobs: &mpsc::Sender<Job>, idle: &
             ctx.metrics.events.with_label_values(&["dead_lettered"]).inc();
             record.ack.done();
         }
+        Verdict::Forget(_) if !cfg.apply_forgets => {
+            ctx.metrics.events.with_label_values(&["forget_skipped"]).inc();
+            record.ack.done();
+        }
         Verdict::Forget(user) => {
             // Ordered behind the user's windows by the scheduler; acked once the tombstone is out.
             ctx.metrics.events.with_label_values(&["forget"]).inc();

@@ -131,6 +131,9 @@ pub struct PipelineConfig {
     pub recover_interval: Duration,
     /// How long shutdown waits for windows being inferred.
     pub shutdown_timeout: Duration,
+    /// `false` in a write-mode replay: the live service already erased those users, and
+    /// erasing again would delete state built after the forget.
+    pub apply_forgets: bool,
 }
 
 impl Default for PipelineConfig {
@@ -148,6 +151,7 @@ impl Default for PipelineConfig {
             seed: 0,
             recover_interval: Duration::from_secs(60),
             shutdown_timeout: Duration::from_secs(30),
+            apply_forgets: true,
         }
     }
 }

@@ -161,6 +161,27 @@ impl RedisStore {
         Ok(scores.iter().all(Option::is_some))
     }
 
+    /// Deletes every key of this namespace (a finished replay's staging area). Refuses the
+    /// live namespace.
+    pub async fn clear_namespace(&self) -> Result<u64, StateError> {
+        if self.namespace == NAMESPACE {
+            return Err(StateError::Invalid("refusing to clear the live namespace".into()));
+        }
+        let (mut cursor, mut deleted) = (0u64, 0u64);
+        loop {
+            let mut cmd = ::redis::cmd("SCAN");
+            cmd.arg(cursor).arg("MATCH").arg(format!("{}:*", self.namespace)).arg("COUNT").arg(1000);
+            let (next, keys): (u64, Vec<String>) = self.query(&cmd).await?;
+            if !keys.is_empty() {
+                deleted += self.query::<u64>(::redis::cmd("DEL").arg(&keys)).await?;
+            }
+            if next == 0 {
+                return Ok(deleted);
+            }
+            cursor = next;
+        }
+    }
+
     pub fn with_caps(mut self, seen_cap: usize, applied_cap: usize) -> Self {
         self.seen_cap = seen_cap.max(1);
         self.applied_cap = applied_cap.max(1);
