@@ -158,7 +158,9 @@ async fn run_once(
     let redis = Redis::start();
     let cluster = MockCluster::new(1).unwrap();
     let topics = Topics::default();
-    for (t, p) in [(&topics.events, 8), (&topics.updates, 8), (&topics.dlq, 1)] {
+    // The mock broker keeps at most 5 MB / 100,000 records per partition and silently drops
+    // older ones: 16 partitions hold the default 200,000 events with room to spare.
+    for (t, p) in [(&topics.events, 16), (&topics.updates, 16), (&topics.dlq, 1)] {
         cluster.create_topic(t, p, 1).unwrap();
     }
     let brokers = cluster.bootstrap_servers();
@@ -194,7 +196,19 @@ async fn run_once(
     }
     let started = Instant::now();
     let mut durable_seconds = 0.0;
+    let mut last_report = Instant::now();
     loop {
+        if last_report.elapsed() > Duration::from_secs(5) {
+            last_report = Instant::now();
+            eprintln!(
+                "progress: appended {} duplicates {} updates {} windows in stage {} paused {}",
+                appended(),
+                metrics.events.with_label_values(&["duplicate"]).get(),
+                metrics.updates_published.get(),
+                metrics.windows_inflight.get(),
+                metrics.consumer_paused.get()
+            );
+        }
         if durable_seconds == 0.0 && appended() as usize >= events {
             durable_seconds = started.elapsed().as_secs_f64();
         }
