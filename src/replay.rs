@@ -387,11 +387,11 @@ async fn swap(
         }
         let expected = current.as_ref().map_or(0, |d| d.version);
         let version = match live
-            .apply(user, &window_id, expected, &staged.description, &staged.event_ids, &staged.model)
+            .apply_unclaimed(user, &window_id, expected, &staged.description, &staged.event_ids, &staged.model)
             .await?
         {
             ApplyOutcome::Applied(v) | ApplyOutcome::AlreadyApplied(v) => v,
-            ApplyOutcome::Conflict(_) => continue, // live moved meanwhile: decide again
+            ApplyOutcome::Conflict(_) | ApplyOutcome::NotClaimed => continue, // live moved meanwhile: decide again
         };
         tally(report, user, current.as_ref(), &staged);
         let (name, version_label) = staged.model.split_once('@').unwrap_or((&staged.model, ""));

@@ -15,7 +15,7 @@ pub struct Metrics {
     /// Records taken from the events topic, by outcome:
     /// appended | duplicate | dead_lettered | forget.
     pub events: IntCounterVec,
-    /// Windows finished, by outcome: applied | already_applied | parked | abandoned.
+    /// Windows finished, by outcome: applied | already_applied | parked | abandoned | unclaimed.
     pub windows: IntCounterVec,
     /// Model outputs that failed the format check (the description was kept).
     pub invalid_outputs: IntCounter,

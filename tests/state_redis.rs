@@ -181,11 +181,12 @@ async fn dedupe_and_applied_memories_are_bounded() {
 
     let ids = vec!["x".to_string()];
     for (v, w) in ["w1", "w2", "w3"].iter().enumerate() {
-        let r = store.apply(u, w, v as u64, "d", &ids, "m").await.unwrap();
+        let r = store.apply_unclaimed(u, w, v as u64, "d", &ids, "m").await.unwrap();
         assert_eq!(r, ApplyOutcome::Applied(v as u64 + 1));
     }
-    assert_eq!(store.apply(u, "w2", 0, "d", &ids, "m").await.unwrap(), ApplyOutcome::AlreadyApplied(2));
-    assert_eq!(store.apply(u, "w1", 0, "d", &ids, "m").await.unwrap(), ApplyOutcome::Conflict(3));
+    assert_eq!(store.apply_unclaimed(u, "w2", 0, "d", &ids, "m").await.unwrap(), ApplyOutcome::AlreadyApplied(2));
+    assert_eq!(store.apply_unclaimed(u, "w1", 0, "d", &ids, "m").await.unwrap(), ApplyOutcome::Conflict(3));
+    assert_eq!(store.apply(u, "w4", 3, "d", &ids, "m").await.unwrap(), ApplyOutcome::NotClaimed);
 }
 
 #[tokio::test]

@@ -103,6 +103,7 @@ async fn lane(
             Ok(()) => {}
             // The record stays unacked: redelivered after restart.
             Err(StageError::Abandoned(what)) => tracing::warn!(what, "record abandoned at shutdown"),
+            Err(StageError::Permanent(e)) => tracing::error!(error = %e, "record skipped"),
             Err(e) => return Err(e),
         }
         ctx.metrics.stage_seconds.with_label_values(&["ingest"]).observe(started.elapsed().as_secs_f64());
@@ -113,21 +114,7 @@ async fn lane(
 async fn handle(ctx: &Context, record: Record, jobs: &mpsc::Sender<Job>, idle: &Idle) -> Result<(), StageError> {
     let cfg = &ctx.config;
     match classify(record.key.as_deref(), record.payload.as_deref(), cfg.max_event_bytes) {
-        Verdict::Dead(reason) => {
-            let payload = record.payload.as_deref().unwrap_or_default();
-            let letter = DeadLetter {
-                key: record.key.clone(),
-                payload: payload[..payload.len().min(cfg.dlq_max_bytes)].to_vec(),
-                original_len: payload.len(),
-                reason,
-                partition: record.partition,
-                offset: record.offset,
-            };
-            tracing::warn!(partition = letter.partition, offset = letter.offset, reason = %letter.reason, "dead-lettering record");
-            retry(ctx, "kafka", || ctx.sink.dead_letter(&letter)).await?;
-            ctx.metrics.events.with_label_values(&["dead_lettered"]).inc();
-            record.ack.done();
-        }
+        Verdict::Dead(reason) => dead_letter(ctx, record, reason).await?,
         Verdict::Forget(_) if !cfg.apply_forgets => {
             ctx.metrics.events.with_label_values(&["forget_skipped"]).inc();
             record.ack.done();
@@ -140,7 +127,13 @@ async fn handle(ctx: &Context, record: Record, jobs: &mpsc::Sender<Job>, idle: &
         }
         Verdict::Event(event) => {
             let user = event.user_id.clone();
-            let outcome = retry(ctx, "redis", || ctx.store.append(&user, &event, cfg.window.size)).await?;
+            let outcome = match retry(ctx, "redis", || ctx.store.append(&user, &event, cfg.window.size)).await {
+                Err(StageError::Permanent(reason)) => {
+                    // The user's stored state cannot take the event: dead-letter it with why.
+                    return dead_letter(ctx, record, format!("cannot store the event: {reason}")).await;
+                }
+                other => other?,
+            };
             record.ack.done();
             match outcome {
                 AppendOutcome::Duplicate => ctx.metrics.events.with_label_values(&["duplicate"]).inc(),
@@ -158,6 +151,24 @@ async fn handle(ctx: &Context, record: Record, jobs: &mpsc::Sender<Job>, idle: &
             }
         }
     }
+    Ok(())
+}
+
+async fn dead_letter(ctx: &Context, record: Record, reason: String) -> Result<(), StageError> {
+    let cfg = &ctx.config;
+    let payload = record.payload.as_deref().unwrap_or_default();
+    let letter = DeadLetter {
+        key: record.key.clone(),
+        payload: payload[..payload.len().min(cfg.dlq_max_bytes)].to_vec(),
+        original_len: payload.len(),
+        reason,
+        partition: record.partition,
+        offset: record.offset,
+    };
+    tracing::warn!(partition = letter.partition, offset = letter.offset, reason = %letter.reason, "dead-lettering record");
+    retry(ctx, "kafka", || ctx.sink.dead_letter(&letter)).await?;
+    ctx.metrics.events.with_label_values(&["dead_lettered"]).inc();
+    record.ack.done();
     Ok(())
 }
 

@@ -180,13 +180,36 @@ impl Context {
 pub enum StageError {
     #[error("shutting down before {0} succeeded")]
     Abandoned(&'static str),
+    /// Retrying cannot help (corrupt state, an invalid argument): the caller gives up on this
+    /// record or window, says why, and goes on.
+    #[error("{0}")]
+    Permanent(String),
     #[error("fatal: {0}")]
     Fatal(String),
 }
 
+/// Whether retrying an error can succeed.
+pub trait Transient {
+    fn is_transient(&self) -> bool;
+}
+
+impl Transient for crate::state::StateError {
+    fn is_transient(&self) -> bool {
+        // Connection loss, failover (READONLY), BUSY scripts, OOM: all pass. Corrupt stored
+        // data and invalid arguments do not.
+        matches!(self, crate::state::StateError::Redis(_))
+    }
+}
+
+impl Transient for SinkError {
+    fn is_transient(&self) -> bool {
+        true // broker outages end; librdkafka already retried within delivery.timeout.ms
+    }
+}
+
 /// Retry a transient failure with capped exponential backoff until it succeeds; during
 /// shutdown give up after `shutdown_timeout` (the work is redone after restart, never lost).
-pub(crate) async fn retry<T, E: std::fmt::Display, F, Fut>(
+pub(crate) async fn retry<T, E: std::fmt::Display + Transient, F, Fut>(
     ctx: &Context,
     component: &'static str,
     mut op: F,
@@ -203,6 +226,7 @@ where
                 health_flag(ctx, component, true);
                 return Ok(v);
             }
+            Err(e) if !e.is_transient() => return Err(StageError::Permanent(format!("{component}: {e}"))),
             Err(e) => {
                 health_flag(ctx, component, false);
                 ctx.metrics.retries.with_label_values(&[component]).inc();

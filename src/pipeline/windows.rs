@@ -145,6 +145,11 @@ async fn run_job(ctx: &Context, job: Job) -> Result<(), StageError> {
             let outcome = match process_window(ctx, &window).await {
                 Ok(o) => o,
                 Err(StageError::Abandoned(_)) => WindowOutcome::Abandoned,
+                Err(StageError::Permanent(e)) => {
+                    // Left claimed for an operator (and the next recovery scan); logged loudly.
+                    tracing::error!(user = %window.user_id, window = %window.id, error = %e, "window failed");
+                    WindowOutcome::Failed
+                }
                 Err(e) => return Err(e),
             };
             ctx.metrics.windows.with_label_values(&[outcome.label()]).inc();
@@ -154,10 +159,18 @@ async fn run_job(ctx: &Context, job: Job) -> Result<(), StageError> {
             Ok(())
         }
         Job::Forget { user, ack } => {
-            retry(ctx, "redis", || ctx.store.forget(&user)).await?;
-            retry(ctx, "kafka", || ctx.sink.tombstone(&user)).await?;
-            ctx.metrics.tombstones_published.inc();
-            tracing::info!(user, "user forgotten; tombstone published");
+            let forgotten = async {
+                retry(ctx, "redis", || ctx.store.forget(&user)).await?;
+                retry(ctx, "kafka", || ctx.sink.tombstone(&user)).await
+            };
+            match forgotten.await {
+                Ok(()) => {
+                    ctx.metrics.tombstones_published.inc();
+                    tracing::info!(user, "user forgotten; tombstone published");
+                }
+                Err(StageError::Permanent(e)) => tracing::error!(user, error = %e, "forget failed"),
+                Err(e) => return Err(e), // not acked: redelivered after restart
+            }
             ack.done();
             Ok(())
         }
@@ -175,6 +188,10 @@ pub enum WindowOutcome {
     Parked,
     /// Shutdown came first; the window stays claimed and is redone after restart.
     Abandoned,
+    /// The claim was gone before the write (the user was forgotten meanwhile): dropped.
+    Unclaimed,
+    /// A permanent state error (logged); the window stays claimed.
+    Failed,
 }
 
 impl WindowOutcome {
@@ -184,6 +201,8 @@ impl WindowOutcome {
             Self::AlreadyApplied(_) => "already_applied",
             Self::Parked => "parked",
             Self::Abandoned => "abandoned",
+            Self::Unclaimed => "unclaimed",
+            Self::Failed => "failed",
         }
     }
 }
@@ -282,6 +301,10 @@ pub async fn process_window(ctx: &Context, window: &Window) -> Result<WindowOutc
             }
             // Applied meanwhile (another instance): the top of the loop publishes it.
             ApplyOutcome::AlreadyApplied(_) => continue,
+            ApplyOutcome::NotClaimed => {
+                tracing::info!(user, window = wid, "window dropped: its user was forgotten meanwhile");
+                return Ok(WindowOutcome::Unclaimed);
+            }
             // Another writer moved the version: infer again on the new description.
             ApplyOutcome::Conflict(_) => {
                 ctx.metrics.conflicts.inc();

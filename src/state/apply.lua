@@ -2,8 +2,8 @@
 -- in flight until `complete` (after its update is published), so a crash in between re-publishes.
 -- KEYS: 1 desc (hash), 2 applied (zset window id -> version), 3 inflight, 4 attempts, 5 parked
 -- ARGV: 1 window id, 2 expected version, 3 description, 4 event ids JSON, 5 model,
---       6 updated_at, 7 applied cap
--- Returns {'already', v} | {'conflict', current} | {'applied', v}
+--       6 updated_at, 7 applied cap, 8 '1' = the window must be claimed (inflight or parked)
+-- Returns {'already', v} | {'unclaimed'} | {'conflict', current} | {'applied', v}
 local desc, applied, inflight, attempts, parked = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local wid = ARGV[1]
 
@@ -16,6 +16,10 @@ local prev = redis.call('ZSCORE', applied, wid)
 if prev then
   unpark()
   return {'already', tostring(prev)}
+end
+-- A window whose claim is gone (the user was forgotten meanwhile) must not resurrect them.
+if ARGV[8] == '1' and redis.call('HEXISTS', inflight, wid) == 0 and redis.call('HEXISTS', parked, wid) == 0 then
+  return {'unclaimed'}
 end
 local cur = tonumber(redis.call('HGET', desc, 'version') or '0')
 if cur ~= tonumber(ARGV[2]) then

@@ -151,6 +151,9 @@ impl StateStore for MemoryStore {
                 s.parked.remove(window_id);
                 return ApplyOutcome::AlreadyApplied(v);
             }
+            if !s.inflight.contains_key(window_id) && !s.parked.contains_key(window_id) {
+                return ApplyOutcome::NotClaimed;
+            }
             let cur = s.desc.as_ref().map_or(0, |d| d.version);
             if cur != expected_version {
                 return ApplyOutcome::Conflict(cur);
@@ -269,12 +272,19 @@ mod tests {
         let store = MemoryStore::with_caps(100, 2);
         let u = "u";
         let ids = vec!["x".to_string()];
-        for (v, w) in ["w1", "w2", "w3"].iter().enumerate() {
-            assert_eq!(store.apply(u, w, v as u64, "d", &ids, "m").await.unwrap(), ApplyOutcome::Applied(v as u64 + 1));
+        let mut windows = Vec::new();
+        for v in 0..3u64 {
+            let AppendOutcome::Full(w) =
+                store.append(u, &conformance::event(u, &format!("a{v}"), v as u32), 1).await.unwrap()
+            else {
+                panic!("a window of one is full at once")
+            };
+            assert_eq!(store.apply(u, &w.id, v, "d", &ids, "m").await.unwrap(), ApplyOutcome::Applied(v + 1));
+            windows.push(w.id);
         }
-        assert_eq!(store.apply(u, "w3", 0, "d", &ids, "m").await.unwrap(), ApplyOutcome::AlreadyApplied(3));
-        assert_eq!(store.apply(u, "w2", 0, "d", &ids, "m").await.unwrap(), ApplyOutcome::AlreadyApplied(2));
+        assert_eq!(store.apply(u, &windows[2], 0, "d", &ids, "m").await.unwrap(), ApplyOutcome::AlreadyApplied(3));
+        assert_eq!(store.apply(u, &windows[1], 0, "d", &ids, "m").await.unwrap(), ApplyOutcome::AlreadyApplied(2));
         // Beyond the bound a very old window is no longer recognised; CAS still protects it.
-        assert_eq!(store.apply(u, "w1", 0, "d", &ids, "m").await.unwrap(), ApplyOutcome::Conflict(3));
+        assert_eq!(store.apply(u, &windows[0], 0, "d", &ids, "m").await.unwrap(), ApplyOutcome::Conflict(3));
     }
 }

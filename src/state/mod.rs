@@ -63,6 +63,9 @@ pub enum ApplyOutcome {
     Applied(u64),
     /// This window was applied before and produced this version: nothing changed.
     AlreadyApplied(u64),
+    /// The window is neither in flight nor parked (its user was forgotten meanwhile): nothing
+    /// written, so an erased user is never brought back.
+    NotClaimed,
     /// The stored version differs from the expected one: re-read and infer again.
     Conflict(u64),
 }
@@ -111,8 +114,9 @@ pub trait StateStore: Send + Sync {
     async fn current(&self, user: &str) -> Result<Option<Description>, StateError>;
 
     /// Compare-and-set the description on `expected_version` (0 = none yet), idempotent on
-    /// `window_id`. Un-parks a parked window; an inflight window stays inflight until
-    /// `complete`, so that a crash before its update is published re-drives it.
+    /// `window_id`. The window must be claimed (in flight or parked), else `NotClaimed`.
+    /// Un-parks a parked window; an inflight window stays inflight until `complete`, so that a
+    /// crash before its update is published re-drives it.
     async fn apply(
         &self,
         user: &str,
@@ -323,6 +327,7 @@ pub mod conformance {
         let w2 = expect_full(store.append(&u, &event(&u, "f4", 4), 2).await.unwrap());
         assert_eq!(store.fail(&u, &w2.id, "x", 0).await.unwrap(), FailOutcome::Parked);
         assert_eq!(store.fail(&u, "no-such-window", "x", 3).await.unwrap(), FailOutcome::NotInflight);
+        assert_eq!(store.apply(&u, "no-such-window", 1, "x", &[], "m").await.unwrap(), ApplyOutcome::NotClaimed);
         store.forget(&u).await.unwrap();
     }
 
@@ -355,10 +360,12 @@ pub mod conformance {
         let w2 = expect_full(store.append(&u, &event(&u, "g4", 4), 2).await.unwrap());
         store.fail(&u, &w2.id, "bad", 0).await.unwrap();
         store.append(&u, &event(&u, "g5", 5), 2).await.unwrap();
-        let _w3 = expect_full(store.append(&u, &event(&u, "g6", 6), 2).await.unwrap());
+        let w3 = expect_full(store.append(&u, &event(&u, "g6", 6), 2).await.unwrap());
         store.append(&u, &event(&u, "g7", 7), 2).await.unwrap();
 
         store.forget(&u).await.unwrap();
+        // A window claimed before the forget (e.g. by another instance) cannot resurrect the user.
+        assert_eq!(store.apply(&u, &w3.id, 1, "late", &w3.event_ids(), "m").await.unwrap(), ApplyOutcome::NotClaimed);
         assert_eq!(store.current(&u).await.unwrap(), None);
         assert_eq!(store.pending_len(&u).await.unwrap(), 0);
         assert!(store.inflight(&u).await.unwrap().is_empty());

@@ -182,6 +182,53 @@ impl RedisStore {
         }
     }
 
+    /// `apply` without the claim requirement: an operator's (or a rebuild's) write of a
+    /// description that no claimed window produced. Still a compare-and-set, idempotent per id.
+    pub async fn apply_unclaimed(
+        &self,
+        user: &str,
+        id: &str,
+        expected_version: u64,
+        description: &str,
+        event_ids: &[String],
+        model: &str,
+    ) -> Result<ApplyOutcome, StateError> {
+        self.apply_with(user, id, expected_version, description, event_ids, model, false).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn apply_with(
+        &self,
+        user: &str,
+        window_id: &str,
+        expected_version: u64,
+        description: &str,
+        event_ids: &[String],
+        model: &str,
+        require_claim: bool,
+    ) -> Result<ApplyOutcome, StateError> {
+        let keys = self.keys(user, &["desc", "applied", "inflight", "attempts", "parked"]);
+        let ids = serde_json::to_string(event_ids).map_err(|e| StateError::Invalid(e.to_string()))?;
+        let args = [
+            window_id.to_string(),
+            expected_version.to_string(),
+            description.to_string(),
+            ids,
+            model.to_string(),
+            now_rfc3339(),
+            self.applied_cap.to_string(),
+            if require_claim { "1" } else { "0" }.to_string(),
+        ];
+        let reply = self.script(&self.scripts.apply, &keys, &args).await?;
+        match reply.first().map(String::as_str) {
+            Some("applied") => Ok(ApplyOutcome::Applied(number(user, &reply)?)),
+            Some("already") => Ok(ApplyOutcome::AlreadyApplied(number(user, &reply)?)),
+            Some("unclaimed") => Ok(ApplyOutcome::NotClaimed),
+            Some("conflict") => Ok(ApplyOutcome::Conflict(number(user, &reply)?)),
+            _ => Err(corrupt(user, format!("unexpected apply reply {reply:?}"))),
+        }
+    }
+
     pub fn with_caps(mut self, seen_cap: usize, applied_cap: usize) -> Self {
         self.seen_cap = seen_cap.max(1);
         self.applied_cap = applied_cap.max(1);
@@ -314,24 +361,7 @@ impl StateStore for RedisStore {
         event_ids: &[String],
         model: &str,
     ) -> Result<ApplyOutcome, StateError> {
-        let keys = self.keys(user, &["desc", "applied", "inflight", "attempts", "parked"]);
-        let ids = serde_json::to_string(event_ids).map_err(|e| StateError::Invalid(e.to_string()))?;
-        let args = [
-            window_id.to_string(),
-            expected_version.to_string(),
-            description.to_string(),
-            ids,
-            model.to_string(),
-            now_rfc3339(),
-            self.applied_cap.to_string(),
-        ];
-        let reply = self.script(&self.scripts.apply, &keys, &args).await?;
-        match reply.first().map(String::as_str) {
-            Some("applied") => Ok(ApplyOutcome::Applied(number(user, &reply)?)),
-            Some("already") => Ok(ApplyOutcome::AlreadyApplied(number(user, &reply)?)),
-            Some("conflict") => Ok(ApplyOutcome::Conflict(number(user, &reply)?)),
-            _ => Err(corrupt(user, format!("unexpected apply reply {reply:?}"))),
-        }
+        self.apply_with(user, window_id, expected_version, description, event_ids, model, true).await
     }
 
     async fn applied_version(&self, user: &str, window_id: &str) -> Result<Option<u64>, StateError> {
