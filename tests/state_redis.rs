@@ -5,64 +5,10 @@
 use prefstream::state::conformance::{self, event};
 use prefstream::state::redis::{key, RedisStore};
 use prefstream::state::{AppendOutcome, ApplyOutcome, StateStore, Window};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-struct RedisServer {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl RedisServer {
-    fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        Self::start_on(port)
-    }
-
-    fn start_on(port: u16) -> Self {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .current_dir(std::env::temp_dir())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start redis-server ({e}). These tests need it: run scripts/redis.sh \
-                     (installs it) or `apt-get install -y redis-server`."
-                )
-            });
-        let mut server = Self { port, child: Some(child) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Some(status) = server.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("redis-server exited early ({status}) on port {port}");
-            }
-            assert!(Instant::now() < deadline, "redis-server did not listen on port {port} within 10 s");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        server
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
+mod common;
+use common::RedisServer;
 
 async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
     redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap()
@@ -192,14 +138,12 @@ async fn dedupe_and_applied_memories_are_bounded() {
 #[tokio::test]
 async fn reconnects_after_server_restart() {
     let mut server = RedisServer::start();
-    let port = server.port;
     let store = RedisStore::connect(&server.url()).await.unwrap();
     let u = "restart";
     assert_eq!(store.append(u, &event(u, "r1", 1), 4).await.unwrap(), AppendOutcome::Pending(1));
 
-    server.stop();
-    let _server = RedisServer::start_on(port);
-    // No persistence: the data is gone, but the store reconnects (one internal retry).
+    server.restart(); // same port
+                      // No persistence: the data is gone, but the store reconnects (one internal retry).
     assert_eq!(store.pending_len(u).await.unwrap(), 0);
     assert_eq!(store.append(u, &event(u, "r1", 1), 4).await.unwrap(), AppendOutcome::Pending(1));
     for i in 2..=4 {
