@@ -141,8 +141,8 @@ pub(super) async fn schedule(ctx: Arc<Context>, mut jobs: mpsc::Receiver<Job>) -
 
 async fn run_job(ctx: &Context, job: Job) -> Result<(), StageError> {
     match job {
-        Job::Window { window, claimed, .. } => {
-            let outcome = match process_window(ctx, &window).await {
+        Job::Window { window, claimed, recovered } => {
+            let outcome = match process_window(ctx, &window, recovered).await {
                 Ok(o) => o,
                 Err(StageError::Abandoned(_)) => WindowOutcome::Abandoned,
                 Err(StageError::Permanent(e)) => {
@@ -217,8 +217,10 @@ fn seed_for(base: u64, window_id: &str, attempt: u32) -> u64 {
 /// Infer one claimed window and make its effect durable and visible: compare-and-set the new
 /// description on the version it was conditioned on, publish the update, release the claim.
 /// Invalid output keeps the previous description and is retried (sampling, a fresh seed per
-/// attempt), then parked.
-pub async fn process_window(ctx: &Context, window: &Window) -> Result<WindowOutcome, StageError> {
+/// attempt), then parked. A `recovered` window (claimed by an earlier run) is first checked for
+/// having been applied already, so that it is re-published rather than inferred again; a fresh
+/// claim cannot have been (apply.lua would say so anyway), which saves a round trip.
+pub async fn process_window(ctx: &Context, window: &Window, recovered: bool) -> Result<WindowOutcome, StageError> {
     let (user, wid, cfg) = (window.user_id.as_str(), window.id.as_str(), &ctx.config);
     let model = ctx.inferencer.model();
     let ids = window.event_ids();
@@ -236,8 +238,12 @@ pub async fn process_window(ctx: &Context, window: &Window) -> Result<WindowOutc
         produced_at: crate::state::now_rfc3339(),
     };
     let mut attempt = 0u32;
+    let mut check_applied = recovered;
     loop {
-        if let Some(v) = retry(ctx, "redis", || ctx.store.applied_version(user, wid)).await? {
+        let applied =
+            if check_applied { retry(ctx, "redis", || ctx.store.applied_version(user, wid)).await? } else { None };
+        check_applied = true;
+        if let Some(v) = applied {
             // Publish what is stored, unless a newer window already superseded it.
             let current = retry(ctx, "redis", || ctx.store.current(user)).await?;
             if let Some(d) = current.filter(|d| d.version == v) {
