@@ -7,6 +7,7 @@ pub mod event;
 pub mod kafka;
 pub mod offsets;
 pub mod onnx;
+pub mod padding;
 pub mod pipeline;
 pub mod prompt;
 pub mod replay;

@@ -7,6 +7,7 @@ use rand::{rngs::StdRng, SeedableRng};
 
 use super::session::{DecoderSession, StepInput};
 use super::Result;
+use crate::padding::{pad_left, positions};
 use crate::sampling::{sample, SamplingParams};
 use crate::tokenizer::TextTokenizer;
 
@@ -153,14 +154,9 @@ impl Generator {
             return Ok(out);
         }
         // Left padding: every row's last token sits in the last column.
-        let mut seqs: Vec<Vec<i64>> = prompts
-            .iter()
-            .map(|p| {
-                std::iter::repeat_n(i64::from(pad), width - p.len()).chain(p.iter().map(|&t| i64::from(t))).collect()
-            })
-            .collect();
-        let mut mask: Vec<Vec<i64>> =
-            prompts.iter().map(|p| (0..width).map(|j| i64::from(j >= width - p.len())).collect()).collect();
+        let padded = pad_left(prompts, pad);
+        let mut seqs: Vec<Vec<i64>> = padded.id_rows().map(|r| r.iter().map(|&t| i64::from(t)).collect()).collect();
+        let mut mask: Vec<Vec<u32>> = padded.mask_rows().map(<[u32]>::to_vec).collect();
         self.stats.prompt_tokens += prompts.iter().map(Vec::len).sum::<usize>();
 
         let mut past = self.session.empty_cache(n)?;
@@ -169,8 +165,8 @@ impl Generator {
         for step in 0..max_new {
             let from = if self.use_cache { fed } else { 0 };
             let ids: Vec<i64> = seqs.iter().flat_map(|r| r[from..].iter().copied()).collect();
-            let flat_mask: Vec<i64> = mask.iter().flatten().copied().collect();
-            let positions: Vec<i64> = mask.iter().flat_map(|r| positions(r, from)).collect();
+            let flat_mask: Vec<i64> = mask.iter().flatten().map(|&m| i64::from(m)).collect();
+            let positions: Vec<i64> = mask.iter().flat_map(|r| positions(r, from).map(i64::from)).collect();
             if !self.use_cache {
                 past = self.session.empty_cache(n)?;
             }
@@ -208,35 +204,5 @@ impl Generator {
             o.text = self.tokenizer.decode(&o.tokens);
         }
         Ok(out)
-    }
-}
-
-/// Position ids of columns `from..` for one left-padded row: real tokens before each column
-/// (as `train::model::positions_from_mask`).
-fn positions(mask_row: &[i64], from: usize) -> impl Iterator<Item = i64> + '_ {
-    let before: i64 = mask_row[..from].iter().sum();
-    mask_row[from..].iter().scan(before, |seen, &m| {
-        let p = if m == 1 { *seen } else { 0 };
-        *seen += m;
-        Some(p)
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::positions;
-    use crate::train::model::positions_from_mask;
-
-    #[test]
-    fn positions_match_training() {
-        let rows = vec![vec![0u32, 0, 1, 1, 1, 1], vec![1, 1, 1, 1, 1, 1]];
-        for from in [0, 3, 5] {
-            let want = positions_from_mask(&rows, from);
-            for (r, w) in rows.iter().zip(&want) {
-                let r: Vec<i64> = r.iter().map(|&m| i64::from(m)).collect();
-                let got: Vec<i64> = positions(&r, from).collect();
-                assert_eq!(got, w.iter().map(|&p| i64::from(p)).collect::<Vec<_>>());
-            }
-        }
     }
 }

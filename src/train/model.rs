@@ -174,22 +174,7 @@ impl Gpt {
     }
 }
 
-/// Position ids for left-padded rows: count of real tokens before each position (pads get 0).
-pub fn positions_from_mask(mask: &[Vec<u32>], past: usize) -> Vec<Vec<u32>> {
-    mask.iter()
-        .map(|row| {
-            let mut seen = 0u32;
-            let mut out = Vec::with_capacity(row.len() - past);
-            for (j, &m) in row.iter().enumerate() {
-                if j >= past {
-                    out.push(if m == 1 { seen } else { 0 });
-                }
-                seen += m;
-            }
-            out
-        })
-        .collect()
-}
+pub use crate::padding::positions_from_mask;
 
 #[cfg(test)]
 mod tests {
@@ -237,14 +222,5 @@ mod tests {
         let a = full.narrow(1, 4, 1).unwrap();
         let diff = (a - step).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-4, "diff {diff}");
-    }
-
-    #[test]
-    fn positions_skip_left_padding() {
-        assert_eq!(
-            positions_from_mask(&[vec![0, 0, 1, 1], vec![1, 1, 1, 1]], 0),
-            vec![vec![0, 0, 0, 1], vec![0, 1, 2, 3]]
-        );
-        assert_eq!(positions_from_mask(&[vec![0, 1, 1, 1]], 3), vec![vec![2]]);
     }
 }
