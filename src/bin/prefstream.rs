@@ -63,7 +63,7 @@ struct DemoArgs {
     /// Synthetic users.
     #[arg(long, env = "PREFSTREAM_DEMO_USERS", default_value_t = 6)]
     users: usize,
-    /// Events per user (every 4 make a window).
+    /// Events per user (every --window-size of them make a window).
     #[arg(long, env = "PREFSTREAM_DEMO_EVENTS_PER_USER", default_value_t = 12)]
     events_per_user: usize,
     /// Stop waiting for updates after this long.
@@ -144,9 +144,13 @@ struct CheckArgs {
     model: ModelArgs,
     #[command(flatten)]
     pipeline: PipelineArgs,
-    /// Create missing topics (events and updates with this many partitions, the DLQ with one).
+    /// Create missing topics (events and updates with this many partitions, the DLQ with one;
+    /// the updates topic compacted).
     #[arg(long, env = "PREFSTREAM_CREATE_TOPICS")]
     create_topics: Option<i32>,
+    /// Replication factor of topics created by --create-topics.
+    #[arg(long, env = "PREFSTREAM_REPLICATION", default_value_t = 1)]
+    replication: i32,
     /// How long to wait for each dependency.
     #[arg(long, env = "PREFSTREAM_CHECK_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     timeout: Duration,
@@ -430,7 +434,12 @@ async fn check(args: CheckArgs) -> Result<()> {
     let client = args.kafka.client();
     if let Some(parts) = args.create_topics {
         let topics = args.kafka.topics();
-        let r = client.ensure_topics(&[(&topics.events, parts), (&topics.updates, parts), (&topics.dlq, 1)]).await;
+        let r = client
+            .ensure_topics(
+                &[(&topics.events, parts, false), (&topics.updates, parts, true), (&topics.dlq, 1, false)],
+                args.replication,
+            )
+            .await;
         report("create topics", r.map(|_| "created or present".into()).map_err(Into::into));
     }
     let names = [args.kafka.events_topic.as_str(), args.kafka.updates_topic.as_str(), args.kafka.dlq_topic.as_str()];

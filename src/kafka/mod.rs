@@ -17,10 +17,18 @@ use rdkafka::types::RDKafkaErrorCode;
 pub use sink::KafkaSink;
 pub use source::{spawn_source, SourceConfig};
 
+impl From<rdkafka::error::KafkaError> for KafkaSetupError {
+    fn from(e: rdkafka::error::KafkaError) -> Self {
+        Self::Kafka(e)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaSetupError {
+    /// (Not a `#[source]`: librdkafka's message already says everything, and `{:#}` would
+    /// repeat it.)
     #[error("kafka: {0}")]
-    Kafka(#[from] rdkafka::error::KafkaError),
+    Kafka(rdkafka::error::KafkaError),
     #[error("cannot create topic {topic}: {reason}")]
     Topic { topic: String, reason: String },
     #[error("{0}")]
@@ -45,11 +53,22 @@ impl KafkaClient {
         c
     }
 
-    /// Creates the topics that do not exist yet (the demo, tests and `check --create-topics`).
-    pub async fn ensure_topics(&self, topics: &[(&str, i32)]) -> Result<(), KafkaSetupError> {
+    /// Creates the topics that do not exist yet (`check --create-topics`): (name, partitions,
+    /// compacted). A compacted updates topic keeps each user's latest description and forgets
+    /// users on their tombstone.
+    pub async fn ensure_topics(&self, topics: &[(&str, i32, bool)], replication: i32) -> Result<(), KafkaSetupError> {
         let admin: AdminClient<DefaultClientContext> = self.config().create()?;
-        let new: Vec<NewTopic> =
-            topics.iter().map(|(name, parts)| NewTopic::new(name, *parts, TopicReplication::Fixed(1))).collect();
+        let new: Vec<NewTopic> = topics
+            .iter()
+            .map(|(name, parts, compact)| {
+                let t = NewTopic::new(name, *parts, TopicReplication::Fixed(replication));
+                if *compact {
+                    t.set("cleanup.policy", "compact")
+                } else {
+                    t
+                }
+            })
+            .collect();
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
         for result in admin.create_topics(&new, &opts).await? {
             match result {

@@ -248,6 +248,11 @@ fn poll_loop(
             match consumer.poll(Duration::from_millis(50)) {
                 Some(Ok(m)) => {
                     s.health.kafka.store(true, Ordering::Relaxed);
+                    if paused {
+                        // A partition assigned during the pause is not paused yet: pause the
+                        // whole assignment again, so `held` stays bounded.
+                        set_paused(&consumer, &s, true);
+                    }
                     s.held.lock().expect("held lock").push_back(Held {
                         partition: m.partition(),
                         offset: m.offset(),
