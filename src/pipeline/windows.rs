@@ -320,8 +320,8 @@ pub async fn process_window(ctx: &Context, window: &Window, recovered: bool) -> 
     }
 }
 
-/// Looks for claimed windows nobody is working on: at start, on every partition assignment
-/// (`requests`) and every `recover_interval`. Applying is idempotent per window, so
+/// Looks for claimed windows nobody is working on: at start and on every partition assignment
+/// (`requests`: all claims), and every `recover_interval` (claims older than that). Applying is idempotent per window, so
 /// re-driving a window another live instance is also finishing costs work, not correctness.
 pub(super) async fn recover_loop(
     ctx: Arc<Context>,
@@ -329,21 +329,25 @@ pub(super) async fn recover_loop(
     mut requests: mpsc::UnboundedReceiver<()>,
 ) {
     let mut tick = tokio::time::interval(ctx.config.recover_interval);
+    tick.tick().await; // the first tick is immediate; startup recovery comes as a request
     let mut open = true;
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
+        // Requests (start, partition assignment: an owner may just have died) take every claim;
+        // periodic scans only claims older than the interval, which live owners have finished.
+        let min_age = tokio::select! {
+            _ = tick.tick() => ctx.config.recover_interval,
             r = requests.recv(), if open => {
                 if r.is_none() {
                     open = false;
                     continue;
                 }
+                std::time::Duration::ZERO
             }
-        }
+        };
         if ctx.stopping() {
             return;
         }
-        let Ok(windows) = retry(&ctx, "redis", || ctx.store.recover()).await else { return };
+        let Ok(windows) = retry(&ctx, "redis", || ctx.store.recover(min_age)).await else { return };
         if !windows.is_empty() {
             tracing::info!(windows = windows.len(), "re-driving claimed windows");
         }

@@ -19,7 +19,10 @@ local function claim(events, n, inflight)
   local parts = {}
   for i, id in ipairs(ids) do parts[i] = string.len(id) .. ':' .. id end
   local wid = redis.sha1hex(table.concat(parts, ''))
-  local body = '{"seq":' .. n .. ',"events":[' .. table.concat(events, ',') .. ']}'
+  -- Claim time (server clock, ms): recovery scans leave recent claims to their owner.
+  local t = redis.call('TIME')
+  local at = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+  local body = '{"seq":' .. n .. ',"at":' .. at .. ',"events":[' .. table.concat(events, ',') .. ']}'
   redis.call('HSET', inflight, wid, body)
   return {'full', wid, body}
 end

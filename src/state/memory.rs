@@ -20,7 +20,8 @@ struct UserState {
     /// Seen ids, oldest first, for trimming.
     seen_order: VecDeque<String>,
     /// Window id -> (claim sequence, window).
-    inflight: HashMap<String, (u64, Window)>,
+    /// Window id -> (claim sequence, claim time, window).
+    inflight: HashMap<String, (u64, std::time::Instant, Window)>,
     attempts: HashMap<String, u32>,
     applied: HashMap<String, u64>,
     applied_order: VecDeque<String>,
@@ -43,7 +44,7 @@ impl UserState {
         let events: Vec<Event> = self.pending.drain(..n.min(self.pending.len())).collect();
         self.seq += 1;
         let w = Window::new(user, events);
-        self.inflight.insert(w.id.clone(), (self.seq, w.clone()));
+        self.inflight.insert(w.id.clone(), (self.seq, std::time::Instant::now(), w.clone()));
         w
     }
 
@@ -205,7 +206,7 @@ impl StateStore for MemoryStore {
                 return FailOutcome::Retry(attempts);
             }
             s.attempts.remove(window_id);
-            if let Some((seq, window)) = s.inflight.remove(window_id) {
+            if let Some((seq, _, window)) = s.inflight.remove(window_id) {
                 s.parked.insert(window_id.to_string(), (seq, ParkedWindow { window, reason: reason.into(), attempts }));
             }
             FailOutcome::Parked
@@ -213,14 +214,18 @@ impl StateStore for MemoryStore {
     }
 
     async fn inflight(&self, user: &str) -> Result<Vec<Window>, StateError> {
-        Ok(self.with_user(user, |s| sorted_windows(s.inflight.values().cloned().collect())))
+        Ok(self.with_user(user, |s| sorted_windows(s.inflight.values().map(|(n, _, w)| (*n, w.clone())).collect())))
     }
 
-    async fn recover(&self) -> Result<Vec<Window>, StateError> {
+    async fn recover(&self, min_age: std::time::Duration) -> Result<Vec<Window>, StateError> {
         let users = self.users.lock().unwrap_or_else(|p| p.into_inner());
         let mut names: Vec<&String> = users.keys().collect();
         names.sort();
-        Ok(names.into_iter().flat_map(|u| sorted_windows(users[u].inflight.values().cloned().collect())).collect())
+        let old = |(n, at, w): &(u64, std::time::Instant, Window)| (at.elapsed() >= min_age).then(|| (*n, w.clone()));
+        Ok(names
+            .into_iter()
+            .flat_map(|u| sorted_windows(users[u].inflight.values().filter_map(old).collect()))
+            .collect())
     }
 
     async fn parked(&self, user: &str) -> Result<Vec<ParkedWindow>, StateError> {

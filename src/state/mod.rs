@@ -15,8 +15,8 @@
 //!   than that many newer events of the same user arrived since, which covers Kafka
 //!   redelivery (uncommitted tail) by a wide margin.
 //! - `pref:{u}:seq` arrival counter
-//! - `pref:{u}:inflight` hash window id -> `{"seq":N,"events":[...]}`: claimed windows not yet
-//!   applied or parked; re-driven after a crash via `inflight(user)` / `recover()`
+//! - `pref:{u}:inflight` hash window id -> `{"seq":N,"at":<claim ms>,"events":[...]}`: claimed windows not yet
+//!   applied or parked; re-driven after a crash via `inflight(user)` / `recover(min_age)`
 //! - `pref:{u}:attempts` hash window id -> failed attempts
 //! - `pref:{u}:applied` sorted set window id -> version it produced (newest `applied_cap`,
 //!   default 1024, kept), so re-applying a window does not bump the version twice
@@ -145,9 +145,10 @@ pub trait StateStore: Send + Sync {
     /// The user's claimed, unfinished windows, oldest claim first.
     async fn inflight(&self, user: &str) -> Result<Vec<Window>, StateError>;
 
-    /// Every user's unfinished windows (after a crash). Applying is idempotent per window, so
-    /// re-driving a window another instance is also working on is harmless.
-    async fn recover(&self) -> Result<Vec<Window>, StateError>;
+    /// Every user's unfinished windows claimed at least `min_age` ago (after a crash: zero;
+    /// periodic scans: long enough that a live owner has finished them). Applying is idempotent
+    /// per window, so re-driving a window another instance is also working on is harmless.
+    async fn recover(&self, min_age: std::time::Duration) -> Result<Vec<Window>, StateError>;
 
     async fn parked(&self, user: &str) -> Result<Vec<ParkedWindow>, StateError>;
 
@@ -238,7 +239,9 @@ pub mod conformance {
         assert_eq!(store.pending_len(&u).await.unwrap(), 0);
         // Claimed windows survive until applied or parked.
         assert_eq!(store.inflight(&u).await.unwrap(), vec![w.clone()]);
-        assert!(store.recover().await.unwrap().contains(&w));
+        assert!(store.recover(std::time::Duration::ZERO).await.unwrap().contains(&w));
+        let old = store.recover(std::time::Duration::from_secs(3600)).await.unwrap();
+        assert!(!old.contains(&w), "a fresh claim is left to its owner by periodic scans");
         // Redelivered events of a claimed window stay duplicates.
         assert_eq!(store.append(&u, &event(&u, "e4", 3), 4).await.unwrap(), AppendOutcome::Duplicate);
         // The next window starts empty; a second claim is kept in claim order.
@@ -313,7 +316,7 @@ pub mod conformance {
         assert_eq!(store.inflight(&u).await.unwrap(), vec![w.clone()]);
         assert_eq!(store.fail(&u, &w.id, reason, 2).await.unwrap(), FailOutcome::Parked);
         assert!(store.inflight(&u).await.unwrap().is_empty());
-        assert!(!store.recover().await.unwrap().iter().any(|x| x.user_id == u));
+        assert!(!store.recover(std::time::Duration::ZERO).await.unwrap().iter().any(|x| x.user_id == u));
         let parked = store.parked(&u).await.unwrap();
         assert_eq!(parked, vec![ParkedWindow { window: w.clone(), reason: reason.into(), attempts: 3 }]);
         assert_eq!(store.fail(&u, &w.id, reason, 2).await.unwrap(), FailOutcome::NotInflight);

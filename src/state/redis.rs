@@ -71,6 +71,9 @@ fn is_transient(e: &RedisError) -> bool {
 #[derive(Deserialize)]
 struct StoredWindow {
     seq: u64,
+    /// Claim time, ms since the epoch (server clock); 0 for claims made before it was recorded.
+    #[serde(default)]
+    at: u64,
     events: Vec<Event>,
 }
 
@@ -227,6 +230,23 @@ impl RedisStore {
             Some("conflict") => Ok(ApplyOutcome::Conflict(number(user, &reply)?)),
             _ => Err(corrupt(user, format!("unexpected apply reply {reply:?}"))),
         }
+    }
+
+    /// A user's claimed windows with their claim times, oldest claim first.
+    async fn claims(&self, user: &str) -> Result<Vec<(u64, Window)>, StateError> {
+        let h: HashMap<String, String> = self.query(::redis::cmd("HGETALL").arg(self.key(user, "inflight"))).await?;
+        let mut v = Vec::with_capacity(h.len());
+        for (id, body) in &h {
+            let s: StoredWindow =
+                serde_json::from_str(body).map_err(|e| corrupt(user, format!("stored window: {e}")))?;
+            let w = Window::new(user, s.events);
+            if &w.id != id {
+                return Err(corrupt(user, format!("inflight window {id} holds events of {}", w.id)));
+            }
+            v.push((s.seq, s.at, w));
+        }
+        v.sort_by_key(|(seq, _, _)| *seq);
+        Ok(v.into_iter().map(|(_, at, w)| (at, w)).collect())
     }
 
     pub fn with_caps(mut self, seen_cap: usize, applied_cap: usize) -> Self {
@@ -402,24 +422,15 @@ impl StateStore for RedisStore {
     }
 
     async fn inflight(&self, user: &str) -> Result<Vec<Window>, StateError> {
-        let h: HashMap<String, String> = self.query(::redis::cmd("HGETALL").arg(self.key(user, "inflight"))).await?;
-        let mut v = Vec::with_capacity(h.len());
-        for (id, body) in &h {
-            let (seq, w) = window_from(user, body)?;
-            if &w.id != id {
-                return Err(corrupt(user, format!("inflight window {id} holds events of {}", w.id)));
-            }
-            v.push((seq, w));
-        }
-        v.sort_by_key(|(seq, _)| *seq);
-        Ok(v.into_iter().map(|(_, w)| w).collect())
+        Ok(self.claims(user).await?.into_iter().map(|(_, w)| w).collect())
     }
 
-    async fn recover(&self) -> Result<Vec<Window>, StateError> {
-        let users = self.users_with("inflight").await?;
+    async fn recover(&self, min_age: std::time::Duration) -> Result<Vec<Window>, StateError> {
+        let (secs, micros): (u64, u64) = self.query(&::redis::cmd("TIME")).await?;
+        let cutoff = (secs * 1000 + micros / 1000).saturating_sub(min_age.as_millis() as u64);
         let mut out = Vec::new();
-        for u in users {
-            out.extend(self.inflight(&u).await?);
+        for u in self.users_with("inflight").await? {
+            out.extend(self.claims(&u).await?.into_iter().filter(|(at, _)| *at <= cutoff).map(|(_, w)| w));
         }
         Ok(out)
     }
