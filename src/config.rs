@@ -50,8 +50,10 @@ pub struct KafkaArgs {
     /// Consumer group of the live service (replays never join it).
     #[arg(long, env = "PREFSTREAM_GROUP", default_value = "prefstream")]
     pub group: String,
+    /// Input events, one JSON event per message, key = user id.
     #[arg(long, env = "PREFSTREAM_EVENTS_TOPIC", default_value = "prefstream.events")]
     pub events_topic: String,
+    /// Published descriptions (key = user id; compact it): updates and tombstones.
     #[arg(long, env = "PREFSTREAM_UPDATES_TOPIC", default_value = "prefstream.updates")]
     pub updates_topic: String,
     /// Dead-letter topic: bad records with the reason in the `prefstream.error` header.
@@ -172,6 +174,21 @@ impl PipelineArgs {
             buffer: self.buffer,
         })
     }
+}
+
+/// What `run`, `replay` and `check` all need: Kafka, Redis, the model and the pipeline.
+#[derive(Args, Debug, Clone)]
+pub struct ServiceArgs {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Redis holding windows and descriptions (`redis://[:password@]host:port/db`). Run it
+    /// with AOF (`appendonly yes`) so that a restart keeps accepted events.
+    #[arg(long, env = "PREFSTREAM_REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
+    pub redis_url: String,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use prefstream::config::{parse_duration, KafkaArgs, ModelArgs, OpsArgs, PipelineArgs};
+use prefstream::config::{parse_duration, KafkaArgs, ModelArgs, OpsArgs, PipelineArgs, ServiceArgs};
 use prefstream::engine::{load_package, BatcherConfig, Engine, EngineHandle, InferResult};
 use prefstream::event::{parse_event, EventBody};
 use prefstream::prompt::build_prompt;
@@ -45,15 +45,7 @@ enum Cmd {
 #[derive(Args)]
 struct RunArgs {
     #[command(flatten)]
-    kafka: KafkaArgs,
-    /// Redis holding windows and descriptions (`redis://[:password@]host:port/db`). Run it
-    /// with AOF (`appendonly yes`) so that a restart keeps accepted events.
-    #[arg(long, env = "PREFSTREAM_REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
-    redis_url: String,
-    #[command(flatten)]
-    model: ModelArgs,
-    #[command(flatten)]
-    pipeline: PipelineArgs,
+    svc: ServiceArgs,
     #[command(flatten)]
     ops: OpsArgs,
 }
@@ -84,9 +76,7 @@ struct DemoArgs {
 #[derive(Args)]
 struct ReplayArgs {
     #[command(flatten)]
-    kafka: KafkaArgs,
-    #[arg(long, env = "PREFSTREAM_REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
-    redis_url: String,
+    svc: ServiceArgs,
     /// Start of the range (RFC 3339, record timestamps; resolved with offsets-for-times).
     #[arg(long, env = "PREFSTREAM_REPLAY_FROM", conflicts_with = "offsets")]
     from: Option<String>,
@@ -128,22 +118,12 @@ struct ReplayArgs {
     /// The log counts as read to its end after this long without a record.
     #[arg(long, env = "PREFSTREAM_REPLAY_IDLE_END", default_value = "3s", value_parser = parse_duration)]
     idle_end: Duration,
-    #[command(flatten)]
-    model: ModelArgs,
-    #[command(flatten)]
-    pipeline: PipelineArgs,
 }
 
 #[derive(Args)]
 struct CheckArgs {
     #[command(flatten)]
-    kafka: KafkaArgs,
-    #[arg(long, env = "PREFSTREAM_REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
-    redis_url: String,
-    #[command(flatten)]
-    model: ModelArgs,
-    #[command(flatten)]
-    pipeline: PipelineArgs,
+    svc: ServiceArgs,
     /// Create missing topics (events and updates with this many partitions, the DLQ with one;
     /// the updates topic compacted).
     #[arg(long, env = "PREFSTREAM_CREATE_TOPICS")]
@@ -227,18 +207,18 @@ fn start_engine(model: &ModelArgs) -> Result<EngineHandle> {
 }
 
 async fn run(args: RunArgs) -> Result<()> {
-    let cfg = args.pipeline.service(&args.kafka, &args.model).map_err(anyhow::Error::msg)?;
+    let cfg = args.svc.pipeline.service(&args.svc.kafka, &args.svc.model).map_err(anyhow::Error::msg)?;
     let http = args.ops.http_addr().map_err(anyhow::Error::msg)?;
     tracing::info!(
-        brokers = %args.kafka.brokers,
-        kafka_options = ?telemetry::redact_pairs(&args.kafka.kafka_options),
-        group = %args.kafka.group,
-        events = %args.kafka.events_topic,
-        updates = %args.kafka.updates_topic,
-        dlq = %args.kafka.dlq_topic,
-        redis = %telemetry::redact_url(&args.redis_url),
-        model = %args.model.model.display(),
-        device = %args.model.device,
+        brokers = %args.svc.kafka.brokers,
+        kafka_options = ?telemetry::redact_pairs(&args.svc.kafka.kafka_options),
+        group = %args.svc.kafka.group,
+        events = %args.svc.kafka.events_topic,
+        updates = %args.svc.kafka.updates_topic,
+        dlq = %args.svc.kafka.dlq_topic,
+        redis = %telemetry::redact_url(&args.svc.redis_url),
+        model = %args.svc.model.model.display(),
+        device = %args.svc.model.device,
         window_size = cfg.pipeline.window.size,
         "starting prefstream"
     );
@@ -253,11 +233,11 @@ async fn run(args: RunArgs) -> Result<()> {
         .with_context(|| format!("cannot listen on {addr} (--http)"))?;
         tracing::info!(%bound, "serving /metrics /healthz /readyz");
     }
-    let engine = start_engine(&args.model)?;
+    let engine = start_engine(&args.svc.model)?;
     health.engine.store(true, Ordering::Relaxed);
-    let store = RedisStore::connect(&args.redis_url)
+    let store = RedisStore::connect(&args.svc.redis_url)
         .await
-        .with_context(|| format!("cannot reach Redis at {}", telemetry::redact_url(&args.redis_url)))?;
+        .with_context(|| format!("cannot reach Redis at {}", telemetry::redact_url(&args.svc.redis_url)))?;
     health.redis.store(true, Ordering::Relaxed);
     let stopping = health.clone();
     let mut watch = stop_rx.clone();
@@ -329,10 +309,10 @@ fn rfc3339_ms(s: &str, flag: &str) -> Result<i64> {
 async fn replay(args: ReplayArgs) -> Result<()> {
     use prefstream::kafka::reader::{parse_offsets, resolve_times};
     use prefstream::replay::{Mode, ReplayConfig};
-    let mut pipeline = args.pipeline.pipeline(&args.model).map_err(anyhow::Error::msg)?;
+    let mut pipeline = args.svc.pipeline.pipeline(&args.svc.model).map_err(anyhow::Error::msg)?;
     pipeline.max_active_windows = args.concurrency.max(1);
-    let client = args.kafka.client();
-    let topics = args.kafka.topics();
+    let client = args.svc.kafka.client();
+    let topics = args.svc.kafka.topics();
     let range = match (&args.offsets, &args.from) {
         (Some(o), _) => parse_offsets(o).map_err(anyhow::Error::msg)?,
         (None, Some(from)) => {
@@ -381,10 +361,10 @@ async fn replay(args: ReplayArgs) -> Result<()> {
         pipeline,
         idle_end: args.idle_end,
     };
-    let engine = start_engine(&args.model)?;
-    let live = RedisStore::connect(&args.redis_url)
+    let engine = start_engine(&args.svc.model)?;
+    let live = RedisStore::connect(&args.svc.redis_url)
         .await
-        .with_context(|| format!("cannot reach Redis at {}", telemetry::redact_url(&args.redis_url)))?;
+        .with_context(|| format!("cannot reach Redis at {}", telemetry::redact_url(&args.svc.redis_url)))?;
     let (_stop_tx, stop_rx) = prefstream::service::shutdown_on_signals();
     let bar = match events_in_range {
         Some(n) => indicatif::ProgressBar::new(n),
@@ -426,14 +406,15 @@ async fn check(args: CheckArgs) -> Result<()> {
     };
     report(
         "configuration",
-        args.pipeline
-            .service(&args.kafka, &args.model)
+        args.svc
+            .pipeline
+            .service(&args.svc.kafka, &args.svc.model)
             .map(|c| format!("window size {}", c.pipeline.window.size))
             .map_err(anyhow::Error::msg),
     );
-    let client = args.kafka.client();
+    let client = args.svc.kafka.client();
     if let Some(parts) = args.create_topics {
-        let topics = args.kafka.topics();
+        let topics = args.svc.kafka.topics();
         let r = client
             .ensure_topics(
                 &[(&topics.events, parts, false), (&topics.updates, parts, true), (&topics.dlq, 1, false)],
@@ -442,7 +423,11 @@ async fn check(args: CheckArgs) -> Result<()> {
             .await;
         report("create topics", r.map(|_| "created or present".into()).map_err(Into::into));
     }
-    let names = [args.kafka.events_topic.as_str(), args.kafka.updates_topic.as_str(), args.kafka.dlq_topic.as_str()];
+    let names = [
+        args.svc.kafka.events_topic.as_str(),
+        args.svc.kafka.updates_topic.as_str(),
+        args.svc.kafka.dlq_topic.as_str(),
+    ];
     let timeout = args.timeout;
     let described = tokio::task::spawn_blocking({
         let client = client.clone();
@@ -452,7 +437,7 @@ async fn check(args: CheckArgs) -> Result<()> {
     .await?;
     match described {
         Ok(parts) => {
-            report("brokers", Ok(args.kafka.brokers.clone()));
+            report("brokers", Ok(args.svc.kafka.brokers.clone()));
             for (name, p) in names.iter().zip(parts) {
                 let r = p
                     .map(|n| format!("{n} partitions"))
@@ -460,17 +445,19 @@ async fn check(args: CheckArgs) -> Result<()> {
                 report(&format!("topic {name}"), r);
             }
         }
-        Err(e) => report("brokers", Err(anyhow::Error::new(e).context(format!("cannot reach {}", args.kafka.brokers)))),
+        Err(e) => {
+            report("brokers", Err(anyhow::Error::new(e).context(format!("cannot reach {}", args.svc.kafka.brokers))))
+        }
     }
     let redis = tokio::time::timeout(timeout, async {
-        let store = RedisStore::connect(&args.redis_url).await?;
+        let store = RedisStore::connect(&args.svc.redis_url).await?;
         store.ping().await
     })
     .await
     .map_err(|_| anyhow::anyhow!("no answer within {timeout:?}"))
     .and_then(|r| r.map_err(Into::into));
-    report(&format!("redis {}", telemetry::redact_url(&args.redis_url)), redis);
-    let model = args.model.clone();
+    report(&format!("redis {}", telemetry::redact_url(&args.svc.redis_url)), redis);
+    let model = args.svc.model.clone();
     let engine = tokio::task::spawn_blocking(move || -> Result<String> {
         let (manifest, mut generator) = load_package(&model.model, &model.device)?;
         generator.max_new_tokens = 4;
@@ -485,7 +472,7 @@ async fn check(args: CheckArgs) -> Result<()> {
         ))
     })
     .await?;
-    report(&format!("model {}", args.model.model.display()), engine);
+    report(&format!("model {}", args.svc.model.model.display()), engine);
     if failed > 0 {
         bail!("{failed} check(s) failed");
     }
