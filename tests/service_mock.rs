@@ -122,3 +122,97 @@ async fn mock_cluster_redis_forget_and_metrics() {
     assert_eq!(summary.records as usize, events.len() + 1);
     drop(cluster);
 }
+
+/// Starts the service on a fresh mock cluster with the in-memory store and the real model;
+/// returns what the tests poke at. The cluster must outlive the service.
+async fn start(
+    cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    pipeline: PipelineConfig,
+    buffer: usize,
+    pause_after: Duration,
+) -> (
+    Arc<Metrics>,
+    watch::Sender<bool>,
+    tokio::task::JoinHandle<Result<prefstream::pipeline::Summary, prefstream::service::ServiceError>>,
+) {
+    for (t, p) in [(EVENTS, 2), (UPDATES, 2), (DLQ, 1)] {
+        cluster.create_topic(t, p, 1).unwrap();
+    }
+    let engine =
+        Engine::spawn("onnx".as_ref(), Device::Cpu, BatcherConfig::default()).expect("the shipped model loads");
+    let cfg = ServiceConfig {
+        kafka: KafkaClient { brokers: cluster.bootstrap_servers(), options: vec![] },
+        group: "mock-test".into(),
+        topics: Topics::default(),
+        pipeline,
+        commit_interval: Duration::from_millis(200),
+        pause_after,
+        drain_timeout: Duration::from_secs(5),
+        buffer,
+    };
+    let metrics = Metrics::new();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let store = Arc::new(prefstream::state::memory::MemoryStore::new());
+    let service =
+        tokio::spawn(serve(cfg, store, Arc::new(engine), metrics.clone(), Arc::new(Health::default()), stop_rx));
+    (metrics, stop_tx, service)
+}
+
+async fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A slow stage (one window at a time, queues of one) makes the consumer pause its partitions;
+/// it resumes and every window still gets its version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sustained_backpressure_pauses_then_resumes() {
+    let cluster = MockCluster::new(1).unwrap();
+    let pipeline = PipelineConfig {
+        sampling: SamplingParams::GREEDY,
+        lanes: 1,
+        lane_queue: 1,
+        max_active_windows: 1,
+        window_queue: 1,
+        ..PipelineConfig::default()
+    };
+    let (metrics, stop, service) = start(&cluster, pipeline, 1, Duration::from_millis(50)).await;
+    let events = synth_events(4, 40, 41);
+    let b = cluster.bootstrap_servers();
+    let evs = events.clone();
+    tokio::task::spawn_blocking(move || produce_events(&b, &evs)).await.unwrap();
+    let applied = || metrics.windows.with_label_values(&["applied"]).get();
+    wait_for("all 40 windows", Duration::from_secs(300), || applied() >= 40).await;
+    assert!(metrics.pauses.get() >= 1, "the consumer paused under sustained backpressure");
+    assert_eq!(metrics.consumer_paused.get(), 0, "and resumed");
+    assert_eq!(metrics.events.with_label_values(&["appended"]).get(), 160);
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(60), service).await.expect("drains").unwrap().unwrap();
+    drop(cluster);
+}
+
+/// `--window-idle`: a user who goes quiet with a partial window gets it inferred anyway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_flush_infers_a_partial_window() {
+    let cluster = MockCluster::new(1).unwrap();
+    let mut pipeline = PipelineConfig { sampling: SamplingParams::GREEDY, ..PipelineConfig::default() };
+    pipeline.window.idle = Some(Duration::from_millis(500));
+    let (metrics, stop, service) = start(&cluster, pipeline, 64, Duration::from_secs(1)).await;
+    let events = synth_events(1, 6, 42); // one full window and a partial one of 2
+    let b = cluster.bootstrap_servers();
+    let evs = events.clone();
+    tokio::task::spawn_blocking(move || produce_events(&b, &evs)).await.unwrap();
+    let applied = || metrics.windows.with_label_values(&["applied"]).get();
+    wait_for("the full and the idle window", Duration::from_secs(120), || applied() >= 2).await;
+    let b = cluster.bootstrap_servers();
+    let updates = tokio::task::spawn_blocking(move || updates(&b)).await.unwrap();
+    let mut sizes: Vec<usize> = updates.iter().map(|u| u.event_ids.len()).collect();
+    sizes.sort();
+    assert_eq!(sizes, [2, 4], "a window of 4, then the idle flush of the remaining 2");
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(60), service).await.expect("drains").unwrap().unwrap();
+    drop(cluster);
+}
