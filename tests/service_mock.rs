@@ -11,11 +11,14 @@ use prefstream::config::parse_duration;
 use prefstream::engine::{BatcherConfig, Engine};
 use prefstream::event::{Event, EventBody};
 use prefstream::kafka::KafkaClient;
-use prefstream::pipeline::PipelineConfig;
+use prefstream::pipeline::{PipelineConfig, Summary};
 use prefstream::runtime::Device;
 use prefstream::sampling::SamplingParams;
+use prefstream::service::ServiceError;
 use prefstream::service::{serve, ServiceConfig, Topics};
+use prefstream::state::memory::MemoryStore;
 use prefstream::state::redis::RedisStore;
+use prefstream::state::{StateStore, Window};
 use prefstream::telemetry::{serve_http, Health, Metrics};
 use rdkafka::mocking::MockCluster;
 use tokio::sync::watch;
@@ -125,24 +128,30 @@ async fn mock_cluster_redis_forget_and_metrics() {
 
 /// Starts the service on a fresh mock cluster with the in-memory store and the real model;
 /// returns what the tests poke at. The cluster must outlive the service.
-async fn start(
-    cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
-    pipeline: PipelineConfig,
-    buffer: usize,
-    pause_after: Duration,
-) -> (
-    Arc<Metrics>,
-    watch::Sender<bool>,
-    tokio::task::JoinHandle<Result<prefstream::pipeline::Summary, prefstream::service::ServiceError>>,
-) {
+type Running = (Arc<Metrics>, watch::Sender<bool>, tokio::task::JoinHandle<Result<Summary, ServiceError>>);
+
+fn mock_cluster() -> MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
+    let cluster = MockCluster::new(1).unwrap();
     for (t, p) in [(EVENTS, 2), (UPDATES, 2), (DLQ, 1)] {
         cluster.create_topic(t, p, 1).unwrap();
     }
-    let engine =
-        Engine::spawn("onnx".as_ref(), Device::Cpu, BatcherConfig::default()).expect("the shipped model loads");
+    cluster
+}
+
+async fn start(
+    brokers: String,
+    model: &std::path::Path,
+    store: Arc<dyn StateStore>,
+    pipeline: PipelineConfig,
+    buffer: usize,
+    pause_after: Duration,
+) -> Running {
+    let engine = Engine::spawn(model, Device::Cpu, BatcherConfig::default()).expect("the model package loads");
     let cfg = ServiceConfig {
-        kafka: KafkaClient { brokers: cluster.bootstrap_servers(), options: vec![] },
-        group: "mock-test".into(),
+        kafka: KafkaClient { brokers, options: vec![] },
+        // A fresh group per start: a restarted member need not wait out the old one's session
+        // (records read again are duplicates, deduplicated by the store).
+        group: format!("mock-test-{}", free_port()),
         topics: Topics::default(),
         pipeline,
         commit_interval: Duration::from_millis(200),
@@ -152,7 +161,6 @@ async fn start(
     };
     let metrics = Metrics::new();
     let (stop_tx, stop_rx) = watch::channel(false);
-    let store = Arc::new(prefstream::state::memory::MemoryStore::new());
     let service =
         tokio::spawn(serve(cfg, store, Arc::new(engine), metrics.clone(), Arc::new(Health::default()), stop_rx));
     (metrics, stop_tx, service)
@@ -170,7 +178,7 @@ async fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool)
 /// it resumes and every window still gets its version.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sustained_backpressure_pauses_then_resumes() {
-    let cluster = MockCluster::new(1).unwrap();
+    let cluster = mock_cluster();
     let pipeline = PipelineConfig {
         sampling: SamplingParams::GREEDY,
         lanes: 1,
@@ -179,7 +187,9 @@ async fn sustained_backpressure_pauses_then_resumes() {
         window_queue: 1,
         ..PipelineConfig::default()
     };
-    let (metrics, stop, service) = start(&cluster, pipeline, 1, Duration::from_millis(50)).await;
+    let store = Arc::new(MemoryStore::new());
+    let (metrics, stop, service) =
+        start(cluster.bootstrap_servers(), "onnx".as_ref(), store, pipeline, 1, Duration::from_millis(50)).await;
     let events = synth_events(4, 40, 41);
     let b = cluster.bootstrap_servers();
     let evs = events.clone();
@@ -197,10 +207,12 @@ async fn sustained_backpressure_pauses_then_resumes() {
 /// `--window-idle`: a user who goes quiet with a partial window gets it inferred anyway.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_flush_infers_a_partial_window() {
-    let cluster = MockCluster::new(1).unwrap();
+    let cluster = mock_cluster();
     let mut pipeline = PipelineConfig { sampling: SamplingParams::GREEDY, ..PipelineConfig::default() };
     pipeline.window.idle = Some(Duration::from_millis(500));
-    let (metrics, stop, service) = start(&cluster, pipeline, 64, Duration::from_secs(1)).await;
+    let store = Arc::new(MemoryStore::new());
+    let (metrics, stop, service) =
+        start(cluster.bootstrap_servers(), "onnx".as_ref(), store, pipeline, 64, Duration::from_secs(1)).await;
     let events = synth_events(1, 6, 42); // one full window and a partial one of 2
     let b = cluster.bootstrap_servers();
     let evs = events.clone();
@@ -214,5 +226,67 @@ async fn idle_flush_infers_a_partial_window() {
     assert_eq!(sizes, [2, 4], "a window of 4, then the idle flush of the remaining 2");
     stop.send(true).unwrap();
     tokio::time::timeout(Duration::from_secs(60), service).await.expect("drains").unwrap().unwrap();
+    drop(cluster);
+}
+
+/// A model whose outputs fail the format check (its package is cut to 4 new tokens, so no
+/// `</answer>` is ever written) never replaces a good description: each window is retried,
+/// then parked with the reason, and nothing is published for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_output_keeps_the_description_and_parks_the_window() {
+    let cluster = mock_cluster();
+    let store: Arc<dyn StateStore> = Arc::new(MemoryStore::new());
+    let pipeline = PipelineConfig { sampling: SamplingParams::GREEDY, max_retries: 2, ..PipelineConfig::default() };
+    let events = synth_events(1, 8, 43);
+    let user = events[0].user_id.clone();
+
+    // A good description first, from the shipped model.
+    let (metrics, stop, service) = start(
+        cluster.bootstrap_servers(),
+        "onnx".as_ref(),
+        store.clone(),
+        pipeline.clone(),
+        64,
+        Duration::from_secs(1),
+    )
+    .await;
+    let (b, first) = (cluster.bootstrap_servers(), events[..4].to_vec());
+    tokio::task::spawn_blocking(move || produce_events(&b, &first)).await.unwrap();
+    wait_for("the first window", Duration::from_secs(120), || {
+        metrics.windows.with_label_values(&["applied"]).get() >= 1
+    })
+    .await;
+    stop.send(true).unwrap();
+    service.await.unwrap().unwrap();
+    let good = store.current(&user).await.unwrap().expect("a description");
+
+    // Then a broken package.
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["model.onnx", "tokenizer.json"] {
+        std::fs::copy(std::path::Path::new("onnx").join(f), dir.path().join(f)).unwrap();
+    }
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read("onnx/manifest.json").unwrap()).unwrap();
+    manifest["generation"]["max_new_tokens"] = 4.into();
+    std::fs::write(dir.path().join("manifest.json"), manifest.to_string()).unwrap();
+    let (metrics, stop, service) =
+        start(cluster.bootstrap_servers(), dir.path(), store.clone(), pipeline, 64, Duration::from_secs(1)).await;
+    let (b, second) = (cluster.bootstrap_servers(), events[4..].to_vec());
+    tokio::task::spawn_blocking(move || produce_events(&b, &second)).await.unwrap();
+    wait_for("the window to be parked", Duration::from_secs(120), || {
+        metrics.windows.with_label_values(&["parked"]).get() >= 1
+    })
+    .await;
+    assert_eq!(metrics.invalid_outputs.get(), 3, "the first attempt and two retries");
+    assert_eq!(metrics.updates_published.get(), 0);
+    assert_eq!(store.current(&user).await.unwrap(), Some(good), "the good description is kept");
+    let parked = store.parked(&user).await.unwrap();
+    assert_eq!(parked.len(), 1);
+    assert_eq!(parked[0].attempts, 3);
+    assert!(parked[0].reason.starts_with("invalid model output"), "{}", parked[0].reason);
+    let ids: Vec<String> = events[4..].iter().map(|e| e.event_id.clone()).collect();
+    assert_eq!(parked[0].window, Window::new(&user, events[4..].to_vec()), "parked with its events {ids:?}");
+    stop.send(true).unwrap();
+    service.await.unwrap().unwrap();
     drop(cluster);
 }
