@@ -3,7 +3,7 @@
 //! redis-server started here.
 //!
 //! ```text
-//! cargo bench --bench pipeline -- [--events N] [--users U] [--lanes L] [--model DIR] [--windows W]
+//! cargo bench --bench pipeline -- [--events N] [--users U] [--lanes L] [--model DIR] [--windows W] [--skip-model]
 //! ```
 //!
 //! Two runs:
@@ -88,6 +88,7 @@ impl Drop for Redis {
 }
 
 struct Args {
+    skip_model: bool,
     events: usize,
     users: usize,
     lanes: usize,
@@ -96,7 +97,7 @@ struct Args {
 }
 
 fn args() -> Args {
-    let mut a = Args { events: 200_000, users: 25_000, lanes: 64, windows: 256, model: "onnx".into() };
+    let mut a = Args { skip_model: false, events: 200_000, users: 25_000, lanes: 64, windows: 256, model: "onnx".into() };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < argv.len() {
@@ -107,6 +108,11 @@ fn args() -> Args {
             "--lanes" => a.lanes = val().parse().unwrap(),
             "--windows" => a.windows = val().parse().unwrap(),
             "--model" => a.model = val(),
+            "--skip-model" => {
+                a.skip_model = true;
+                i += 1;
+                continue;
+            }
             _ => {
                 i += 1;
                 continue; // cargo bench passes `--bench`
@@ -250,6 +256,9 @@ async fn main() {
         o.redis_commands as f64 / a.events as f64
     );
 
+    if a.skip_model {
+        return;
+    }
     let engine = Engine::spawn(a.model.as_ref(), Device::Cpu, BatcherConfig { max_batch: 16, ..Default::default() })
         .expect("model package (run scripts/setup.sh)");
     let users = a.windows.min(64);
