@@ -97,7 +97,8 @@ struct Args {
 }
 
 fn args() -> Args {
-    let mut a = Args { skip_model: false, events: 200_000, users: 25_000, lanes: 64, windows: 256, model: "onnx".into() };
+    let mut a =
+        Args { skip_model: false, events: 200_000, users: 25_000, lanes: 64, windows: 256, model: "onnx".into() };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < argv.len() {

@@ -31,8 +31,7 @@ fn versions(events: &[prefstream::event::Event]) -> usize {
 #[test]
 fn thousands_of_events_make_exactly_floor_n_over_4_versions() {
     let _g = serial();
-    let (broker, redis) = (Tansu::start(), RedisServer::start_persistent());
-    broker.create_service_topics(4);
+    let (broker, redis) = stack();
     // 16 users × 63 events: 15 full windows and a partial one each (1,008 events).
     let events = synth_events(16, 63, 11);
     produce_events(&broker.brokers(), &events);
@@ -50,8 +49,7 @@ fn thousands_of_events_make_exactly_floor_n_over_4_versions() {
 #[test]
 fn sigkill_mid_stream_then_restart_loses_nothing() {
     let _g = serial();
-    let (broker, redis) = (Tansu::start(), RedisServer::start_persistent());
-    broker.create_service_topics(4);
+    let (broker, redis) = stack();
     let events = synth_events(12, 42, 12);
     let want = versions(&events);
     let (first, second) = events.split_at(events.len() / 2);
@@ -70,8 +68,7 @@ fn sigkill_mid_stream_then_restart_loses_nothing() {
 #[test]
 fn two_instances_one_killed_the_other_takes_over() {
     let _g = serial();
-    let (broker, redis) = (Tansu::start(), RedisServer::start_persistent());
-    broker.create_service_topics(4);
+    let (broker, redis) = stack();
     let events = synth_events(12, 42, 13);
     let want = versions(&events);
     let mut a = Service::start(&broker.brokers(), &redis.url(), "pair-a", &[]);
@@ -90,8 +87,7 @@ fn two_instances_one_killed_the_other_takes_over() {
 #[test]
 fn redis_restart_mid_run_recovers() {
     let _g = serial();
-    let (broker, mut redis) = (Tansu::start(), RedisServer::start_persistent());
-    broker.create_service_topics(4);
+    let (broker, mut redis) = stack();
     let events = synth_events(12, 42, 14);
     let want = versions(&events);
     let (first, second) = events.split_at(events.len() / 2);
@@ -112,8 +108,7 @@ fn redis_restart_mid_run_recovers() {
 #[test]
 fn malformed_input_goes_to_the_dead_letter_topic_with_reasons() {
     let _g = serial();
-    let (broker, redis) = (Tansu::start(), RedisServer::start_persistent());
-    broker.create_service_topics(4);
+    let (broker, redis) = stack();
     let events = synth_events(4, 9, 15);
     let good = events[0].to_json();
     let wrong_version = good.replace("\"schema_version\":1", "\"schema_version\":2");

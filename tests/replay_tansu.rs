@@ -71,8 +71,7 @@ fn report(path: &std::path::Path) -> serde_json::Value {
 
 #[test]
 fn replay_reproduces_live_dry_run_writes_nothing_and_resume_matches() {
-    let (broker, redis) = (Tansu::start(), RedisServer::start_persistent());
-    broker.create_service_topics(4);
+    let (broker, redis) = stack();
     let events = synth_events(8, 24, 31);
     let users: Vec<String> = {
         let mut u: Vec<String> = events.iter().map(|e| e.user_id.clone()).collect();

@@ -173,6 +173,13 @@ impl Drop for Tansu {
     }
 }
 
+/// A tansu broker with the service's topics (4 partitions) and a persistent redis-server.
+pub fn stack() -> (Tansu, RedisServer) {
+    let (broker, redis) = (Tansu::start(), RedisServer::start_persistent());
+    broker.create_service_topics(4);
+    (broker, redis)
+}
+
 pub const EVENTS: &str = "prefstream.events";
 pub const UPDATES: &str = "prefstream.updates";
 pub const DLQ: &str = "prefstream.events.dlq";
