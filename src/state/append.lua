@@ -6,13 +6,14 @@
 local pending, seen, seq, inflight = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local size, cap = tonumber(ARGV[3]), tonumber(ARGV[4])
 
-if redis.call('ZSCORE', seen, ARGV[1]) then
+-- One call both dedupes and records the id (a duplicate only burns a sequence number).
+local n = redis.call('INCR', seq)
+if redis.call('ZADD', seen, 'NX', n, ARGV[1]) == 0 then
   return {'dup'}
 end
-local n = redis.call('INCR', seq)
-redis.call('ZADD', seen, n, ARGV[1])
--- Bounded dedupe memory: keep the newest `cap` ids.
-if redis.call('ZCARD', seen) > cap then
+-- Bounded dedupe memory: keep the newest `cap` ids. The set holds at most `n` ids, so it can
+-- only be over the cap once `n` is.
+if n > cap and redis.call('ZCARD', seen) > cap then
   redis.call('ZREMRANGEBYRANK', seen, 0, -(cap + 1))
 end
 local len = redis.call('RPUSH', pending, ARGV[2])
