@@ -136,6 +136,10 @@ pub struct PipelineArgs {
     /// On SIGTERM, how long to wait for records and windows in flight.
     #[arg(long, env = "PREFSTREAM_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+    /// Users whose last written description is kept in memory, saving a Redis read per
+    /// window (0 disables; a stale entry only costs a retry of the compare-and-set).
+    #[arg(long, env = "PREFSTREAM_DESCRIPTION_CACHE", default_value_t = 100_000)]
+    pub description_cache: usize,
     /// How often to look for windows a crashed instance claimed but never finished.
     #[arg(long, env = "PREFSTREAM_RECOVER_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     pub recover_interval: Duration,
@@ -159,6 +163,7 @@ impl PipelineArgs {
             recover_interval: self.recover_interval.max(Duration::from_secs(1)),
             shutdown_timeout: self.shutdown_timeout,
             apply_forgets: true,
+            description_cache: self.description_cache,
         })
     }
 

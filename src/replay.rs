@@ -223,6 +223,7 @@ pub async fn run(
         sink: sink.clone(),
         metrics: metrics.clone(),
         health,
+        descriptions: pipeline::DescriptionCache::new(cfg.pipeline.description_cache),
         config: cfg.pipeline.clone(),
         shutdown: shutdown.clone(),
     });

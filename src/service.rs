@@ -84,6 +84,7 @@ pub async fn serve(
         sink: sink.clone(),
         metrics,
         health,
+        descriptions: pipeline::DescriptionCache::new(cfg.pipeline.description_cache),
         config: cfg.pipeline.clone(),
         shutdown,
     });

@@ -134,6 +134,8 @@ pub struct PipelineConfig {
     /// `false` in a write-mode replay: the live service already erased those users, and
     /// erasing again would delete state built after the forget.
     pub apply_forgets: bool,
+    /// Users whose last written description is kept in memory (0: none).
+    pub description_cache: usize,
 }
 
 impl Default for PipelineConfig {
@@ -152,6 +154,7 @@ impl Default for PipelineConfig {
             recover_interval: Duration::from_secs(60),
             shutdown_timeout: Duration::from_secs(30),
             apply_forgets: true,
+            description_cache: 100_000,
         }
     }
 }
@@ -166,6 +169,41 @@ pub struct Context {
     pub config: PipelineConfig,
     /// `true` once shutdown begins.
     pub shutdown: watch::Receiver<bool>,
+    pub descriptions: DescriptionCache,
+}
+
+/// The description this instance wrote last, per user, so the next window need not read it
+/// back. Safe because the write is a compare-and-set on the version: a stale entry (another
+/// writer, a forget) fails it, is dropped, and the window is inferred again on the stored one.
+#[derive(Debug, Default)]
+pub struct DescriptionCache {
+    map: Mutex<std::collections::HashMap<String, (u64, String)>>,
+    cap: usize,
+}
+
+impl DescriptionCache {
+    pub fn new(cap: usize) -> Self {
+        Self { map: Mutex::default(), cap }
+    }
+
+    fn get(&self, user: &str) -> Option<(u64, String)> {
+        self.map.lock().expect("cache lock").get(user).cloned()
+    }
+
+    fn put(&self, user: &str, version: u64, description: &str) {
+        if self.cap == 0 {
+            return;
+        }
+        let mut map = self.map.lock().expect("cache lock");
+        if map.len() >= self.cap && !map.contains_key(user) {
+            map.clear(); // crude but bounded; misses only cost a read
+        }
+        map.insert(user.to_string(), (version, description.to_string()));
+    }
+
+    fn forget(&self, user: &str) {
+        self.map.lock().expect("cache lock").remove(user);
+    }
 }
 
 impl Context {

@@ -159,6 +159,7 @@ async fn run_job(ctx: &Context, job: Job) -> Result<(), StageError> {
             Ok(())
         }
         Job::Forget { user, ack } => {
+            ctx.descriptions.forget(&user);
             let forgotten = async {
                 retry(ctx, "redis", || ctx.store.forget(&user)).await?;
                 retry(ctx, "kafka", || ctx.sink.tombstone(&user)).await
@@ -257,11 +258,16 @@ pub async fn process_window(ctx: &Context, window: &Window, recovered: bool) -> 
         if ctx.stopping() {
             return Ok(WindowOutcome::Abandoned);
         }
-        let current = retry(ctx, "redis", || ctx.store.current(user)).await?;
-        let expected = current.as_ref().map_or(0, |d| d.version);
+        let (expected, previous) = match ctx.descriptions.get(user) {
+            Some((v, d)) => (v, Some(d)),
+            None => {
+                let current = retry(ctx, "redis", || ctx.store.current(user)).await?;
+                (current.as_ref().map_or(0, |d| d.version), current.map(|d| d.description))
+            }
+        };
         let sampling = if attempt == 0 { cfg.sampling } else { SamplingParams::PAPER };
         let request = Request {
-            previous: current.map(|d| d.description),
+            previous,
             signals: window.events.iter().map(|e| e.body.clone()).collect(),
             sampling,
             seed: seed_for(cfg.seed, wid, attempt),
@@ -298,6 +304,7 @@ pub async fn process_window(ctx: &Context, window: &Window, recovered: bool) -> 
         let label = model.label();
         match retry(ctx, "redis", || ctx.store.apply(user, wid, expected, &description, &ids, &label)).await? {
             ApplyOutcome::Applied(v) => {
+                ctx.descriptions.put(user, v, &description);
                 let u = update(v, description, Some(reasoning));
                 retry(ctx, "kafka", || ctx.sink.publish_update(&u)).await?;
                 ctx.metrics.updates_published.inc();
@@ -306,14 +313,19 @@ pub async fn process_window(ctx: &Context, window: &Window, recovered: bool) -> 
                 return Ok(WindowOutcome::Applied(v));
             }
             // Applied meanwhile (another instance): the top of the loop publishes it.
-            ApplyOutcome::AlreadyApplied(_) => continue,
+            ApplyOutcome::AlreadyApplied(_) => {
+                ctx.descriptions.forget(user);
+                continue;
+            }
             ApplyOutcome::NotClaimed => {
+                ctx.descriptions.forget(user);
                 tracing::info!(user, window = wid, "window dropped: its user was forgotten meanwhile");
                 return Ok(WindowOutcome::Unclaimed);
             }
             // Another writer moved the version: infer again on the new description.
             ApplyOutcome::Conflict(_) => {
                 ctx.metrics.conflicts.inc();
+                ctx.descriptions.forget(user);
                 continue;
             }
         }
@@ -398,5 +410,101 @@ mod tests {
         assert_eq!(seed_for(1, "w", 0), seed_for(1, "w", 0));
         assert_ne!(seed_for(1, "w", 0), seed_for(1, "w", 1));
         assert_ne!(seed_for(1, "w", 0), seed_for(1, "v", 0));
+    }
+
+    /// Unit-test doubles: an inferencer that writes "after <previous>", a sink that keeps updates.
+    struct Echo;
+
+    #[async_trait::async_trait]
+    impl crate::engine::Inferencer for Echo {
+        fn model(&self) -> crate::engine::ModelRef {
+            crate::engine::ModelRef { name: "echo".into(), version: "1".into(), template: "t".into() }
+        }
+
+        async fn infer(&self, req: Request) -> crate::engine::Result<crate::engine::InferResult> {
+            let description = format!("after {}", req.previous.as_deref().unwrap_or("nothing"));
+            Ok(crate::engine::InferResult {
+                description: Some(description),
+                reasoning: String::new(),
+                format_ok: true,
+                format_error: None,
+                raw: String::new(),
+                tokens: 1,
+                latency_ms: 0.0,
+            })
+        }
+    }
+
+    #[derive(Default)]
+    struct Keep(std::sync::Mutex<Vec<super::super::Update>>);
+
+    #[async_trait::async_trait]
+    impl super::super::Sink for Keep {
+        async fn publish_update(&self, u: &super::super::Update) -> Result<(), super::super::SinkError> {
+            self.0.lock().unwrap().push(u.clone());
+            Ok(())
+        }
+        async fn tombstone(&self, _: &str) -> Result<(), super::super::SinkError> {
+            Ok(())
+        }
+        async fn dead_letter(&self, _: &super::super::DeadLetter) -> Result<(), super::super::SinkError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stale_cached_description_is_caught_by_the_compare_and_set() {
+        use crate::state::{memory::MemoryStore, AppendOutcome, StateStore};
+        let store = Arc::new(MemoryStore::new());
+        let sink = Arc::new(Keep::default());
+        let (_tx, shutdown) = tokio::sync::watch::channel(false);
+        let ctx = Context {
+            store: store.clone(),
+            inferencer: Arc::new(Echo),
+            sink: sink.clone(),
+            metrics: crate::telemetry::Metrics::new(),
+            health: Arc::default(),
+            config: super::super::PipelineConfig::default(),
+            shutdown,
+            descriptions: super::super::DescriptionCache::new(10),
+        };
+        let claim = |id: &'static str| {
+            let store = store.clone();
+            async move {
+                match store.append("u", &event("u", id, 1), 1).await.unwrap() {
+                    AppendOutcome::Full(w) => w,
+                    other => panic!("{other:?}"),
+                }
+            }
+        };
+        let w1 = claim("e1").await;
+        assert_eq!(process_window(&ctx, &w1, false).await.unwrap(), WindowOutcome::Applied(1));
+        // Another writer moves the description on behind this instance's cache.
+        let w2 = claim("e2").await;
+        store.apply("u", &w2.id, 1, "written elsewhere", &w2.event_ids(), "other").await.unwrap();
+        store.complete("u", &w2.id).await.unwrap();
+        let w3 = claim("e3").await;
+        assert_eq!(process_window(&ctx, &w3, false).await.unwrap(), WindowOutcome::Applied(3));
+        assert_eq!(ctx.metrics.conflicts.get(), 1, "the cached version was stale");
+        let d = store.current("u").await.unwrap().unwrap();
+        assert_eq!(d.description, "after written elsewhere", "inferred again on the stored description");
+        let published: Vec<(u64, String)> =
+            sink.0.lock().unwrap().iter().map(|u| (u.version, u.description.clone())).collect();
+        assert_eq!(published, [(1, "after nothing".to_string()), (3, "after written elsewhere".to_string())]);
+        assert!(store.inflight("u").await.unwrap().is_empty(), "claims released after publishing");
+    }
+
+    #[test]
+    fn the_description_cache_is_bounded() {
+        let c = super::super::DescriptionCache::new(2);
+        c.put("a", 1, "x");
+        c.put("b", 1, "y");
+        c.put("a", 2, "z");
+        assert_eq!(c.get("a"), Some((2, "z".to_string())));
+        c.put("c", 1, "w"); // full: cleared, then c
+        assert_eq!((c.get("a"), c.get("c")), (None, Some((1, "w".to_string()))));
+        let off = super::super::DescriptionCache::new(0);
+        off.put("a", 1, "x");
+        assert_eq!(off.get("a"), None);
     }
 }
