@@ -15,11 +15,6 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Waits for the last window claims to be released after their updates were published.
-fn settle() {
-    std::thread::sleep(Duration::from_secs(2));
-}
-
 fn versions(events: &[prefstream::event::Event]) -> usize {
     let mut per_user = std::collections::HashMap::<&str, usize>::new();
     for e in events {
@@ -37,9 +32,8 @@ fn thousands_of_events_make_exactly_floor_n_over_4_versions() {
     produce_events(&broker.brokers(), &events);
     let mut service = Service::start(&broker.brokers(), &redis.url(), "bulk", &[]);
     let want = versions(&events);
-    let updates = wait_for_versions(&broker.brokers(), want, Duration::from_secs(600), &[&service]);
-    settle();
-    check_ledger(&events, &updates, &mut redis.conn(), 4);
+    wait_for_versions(&broker.brokers(), want, Duration::from_secs(600), &[&service]);
+    check_ledger_eventually(&broker.brokers(), &events, &redis, Duration::from_secs(60));
     let metrics = service.metrics();
     assert!(metrics.contains("prefstream_updates_published_total"), "{metrics}");
     assert!(http_get(service.http_port, "/readyz").contains("200 OK"));
@@ -59,9 +53,8 @@ fn sigkill_mid_stream_then_restart_loses_nothing() {
     produce_events(&broker.brokers(), second);
     service.kill9();
     let mut restarted = Service::start(&broker.brokers(), &redis.url(), "kill-b", &[]);
-    let updates = wait_for_versions(&broker.brokers(), want, Duration::from_secs(600), &[&restarted]);
-    settle();
-    check_ledger(&events, &updates, &mut redis.conn(), 4);
+    wait_for_versions(&broker.brokers(), want, Duration::from_secs(600), &[&restarted]);
+    check_ledger_eventually(&broker.brokers(), &events, &redis, Duration::from_secs(60));
     assert!(restarted.terminate().success());
 }
 
@@ -78,9 +71,8 @@ fn two_instances_one_killed_the_other_takes_over() {
     produce_events(&broker.brokers(), &events);
     wait_for_versions(&broker.brokers(), want / 4, Duration::from_secs(300), &[&a, &b]);
     a.kill9();
-    let updates = wait_for_versions(&broker.brokers(), want, Duration::from_secs(600), &[&b]);
-    settle();
-    check_ledger(&events, &updates, &mut redis.conn(), 4);
+    wait_for_versions(&broker.brokers(), want, Duration::from_secs(600), &[&b]);
+    check_ledger_eventually(&broker.brokers(), &events, &redis, Duration::from_secs(60));
     assert!(b.terminate().success());
 }
 
@@ -99,9 +91,8 @@ fn redis_restart_mid_run_recovers() {
     produce_events(&broker.brokers(), second);
     std::thread::sleep(Duration::from_secs(3));
     redis.restart();
-    let updates = wait_for_versions(&broker.brokers(), want, Duration::from_secs(600), &[&service]);
-    settle();
-    check_ledger(&events, &updates, &mut redis.conn(), 4);
+    wait_for_versions(&broker.brokers(), want, Duration::from_secs(600), &[&service]);
+    check_ledger_eventually(&broker.brokers(), &events, &redis, Duration::from_secs(60));
     assert!(service.terminate().success());
 }
 
@@ -142,7 +133,7 @@ fn malformed_input_goes_to_the_dead_letter_topic_with_reasons() {
     }
     produce(&broker.brokers(), EVENTS, &records);
     let mut service = Service::start(&broker.brokers(), &redis.url(), "dlq", &[]);
-    let updates = wait_for_versions(&broker.brokers(), versions(&events), Duration::from_secs(300), &[&service]);
+    wait_for_versions(&broker.brokers(), versions(&events), Duration::from_secs(300), &[&service]);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let letters = loop {
         let letters = read_all(&broker.brokers(), DLQ);
@@ -165,7 +156,6 @@ fn malformed_input_goes_to_the_dead_letter_topic_with_reasons() {
         let kept = l.payload.as_deref().unwrap_or_default();
         assert!(payload.starts_with(kept) && !kept.is_empty(), "the dead letter carries the payload");
     }
-    settle();
-    check_ledger(&events, &updates, &mut redis.conn(), 4);
+    check_ledger_eventually(&broker.brokers(), &events, &redis, Duration::from_secs(60));
     assert!(service.terminate().success());
 }

@@ -265,12 +265,16 @@ pub fn producer(brokers: &str) -> BaseProducer {
     ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("message.max.bytes", "4000000")
-        .set("linger.ms", "5")
+        .set("linger.ms", "0")
         .create()
         .unwrap()
 }
 
-/// Produces (key, payload) records and waits until all are acknowledged.
+/// Produces (key, payload) records, one record per batch, and waits until all are acknowledged.
+///
+/// One per batch because tansu 0.6 serves no records to a fetch that starts inside a record
+/// batch: a consumer resuming from a committed offset (after a kill, a rebalance, or a replay's
+/// checkpoint) in the middle of a batch would wait forever. Kafka itself has no such limit.
 pub fn produce(brokers: &str, topic: &str, records: &[(Option<&[u8]>, &[u8])]) {
     let p = producer(brokers);
     for (key, payload) in records {
@@ -289,6 +293,12 @@ pub fn produce(brokers: &str, topic: &str, records: &[(Option<&[u8]>, &[u8])]) {
                     p.poll(Duration::from_millis(10));
                 }
             }
+        }
+        // (`flush` would do, but sleeps ~100 ms per call.)
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while p.in_flight_count() > 0 {
+            assert!(Instant::now() < deadline, "record not acknowledged within 60 s");
+            p.poll(Duration::from_millis(1));
         }
     }
     p.flush(Duration::from_secs(60)).expect("all records acknowledged");
@@ -438,5 +448,26 @@ pub fn check_ledger(events: &[Event], updates: &[Update], redis: &mut redis::Con
             let len: usize = redis::cmd("HLEN").arg(format!("pref:{{{user}}}:{suffix}")).query(redis).unwrap();
             assert_eq!(len, 0, "{user}: {suffix} windows left");
         }
+    }
+}
+
+/// `check_ledger` once the service has caught up: a restarted consumer may still be reading the
+/// tail (the partial windows) after every version is out. Retries for up to `timeout`, then
+/// reports the last failure.
+pub fn check_ledger_eventually(brokers: &str, events: &[Event], redis: &RedisServer, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let u = updates(brokers);
+        let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            check_ledger(events, &u, &mut redis.conn(), 4);
+        }))
+        .is_ok();
+        if ok {
+            return;
+        }
+        if Instant::now() > deadline {
+            check_ledger(events, &u, &mut redis.conn(), 4); // panics with the reason
+        }
+        std::thread::sleep(Duration::from_secs(1));
     }
 }
