@@ -250,20 +250,22 @@ pub async fn run(
             shutdown.clone(),
             progress,
         )?;
-        let checkpointer = cfg.checkpoint.clone().filter(|_| cfg.mode != Mode::DryRun).map(|path| {
-            let (tracker, id, mode, topic) = (tracker.clone(), cfg.id.clone(), cfg.mode, cfg.topics.events.clone());
-            let base = cfg.range.start.clone();
+        // Dry runs have no checkpoint (cleared above).
+        let saver = cfg.checkpoint.clone().map(|path| {
+            let template = Checkpoint {
+                id: cfg.id.clone(),
+                mode: cfg.mode,
+                topic: cfg.topics.events.clone(),
+                positions: HashMap::new(),
+                done: false,
+            };
+            Arc::new(CheckpointSaver { path, template, tracker: tracker.clone(), base: cfg.range.start.clone() })
+        });
+        let checkpointer = saver.clone().map(|saver| {
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(Duration::from_millis(500)).await;
-                    let c = Checkpoint {
-                        id: id.clone(),
-                        mode,
-                        topic: topic.clone(),
-                        positions: positions(&tracker, &base),
-                        done: false,
-                    };
-                    if let Err(e) = save_checkpoint(&path, &c) {
+                    if let Err(e) = saver.save(false) {
                         tracing::warn!(error = %e, "cannot write the checkpoint");
                     }
                 }
@@ -283,28 +285,13 @@ pub async fn run(
         users_read = stats.users;
         if *shutdown.borrow() {
             // Stopped early: keep the checkpoint where the durable prefix ends.
-            if let Some(path) = &cfg.checkpoint {
-                let base = cfg.range.start.clone();
-                let c = Checkpoint {
-                    id: cfg.id.clone(),
-                    mode: cfg.mode,
-                    topic: cfg.topics.events.clone(),
-                    positions: positions(&tracker, &base),
-                    done: false,
-                };
-                save_checkpoint(path, &c)?;
+            if let Some(saver) = &saver {
+                saver.save(false)?;
             }
             anyhow::bail!("replay stopped before the end of its range; run the same command to resume");
         }
-        if let Some(path) = &cfg.checkpoint {
-            let c = Checkpoint {
-                id: cfg.id.clone(),
-                mode: cfg.mode,
-                topic: cfg.topics.events.clone(),
-                positions: positions(&tracker, &cfg.range.start),
-                done: true,
-            };
-            save_checkpoint(path, &c)?;
+        if let Some(saver) = &saver {
+            saver.save(true)?;
         }
     }
     report.windows_applied = metrics.windows.with_label_values(&["applied"]).get();
@@ -342,9 +329,23 @@ pub async fn run(
     Ok(report)
 }
 
-fn positions(tracker: &Mutex<OffsetTracker>, base: &HashMap<i32, i64>) -> HashMap<i32, i64> {
-    let t = tracker.lock().expect("tracker");
-    base.iter().map(|(p, start)| (*p, t.position(*p).unwrap_or(*start))).collect()
+/// Writes the checkpoint: the tracker's contiguous done position per partition of the range
+/// (the range's start where nothing was taken yet).
+struct CheckpointSaver {
+    path: PathBuf,
+    template: Checkpoint,
+    tracker: Arc<Mutex<OffsetTracker>>,
+    base: HashMap<i32, i64>,
+}
+
+impl CheckpointSaver {
+    fn save(&self, done: bool) -> std::io::Result<()> {
+        let positions = {
+            let t = self.tracker.lock().expect("tracker");
+            self.base.iter().map(|(p, start)| (*p, t.position(*p).unwrap_or(*start))).collect()
+        };
+        save_checkpoint(&self.path, &Checkpoint { positions, done, ..self.template.clone() })
+    }
 }
 
 fn tally(report: &mut ReplayReport, user: &str, before: Option<&Description>, after: &Description) {

@@ -250,8 +250,11 @@ fn poll_loop(
                     s.health.kafka.store(true, Ordering::Relaxed);
                     if paused {
                         // A partition assigned during the pause is not paused yet: pause the
-                        // whole assignment again, so `held` stays bounded.
-                        set_paused(&consumer, &s, true);
+                        // whole assignment again, so `held` stays bounded. (Same pause: not
+                        // counted or logged again.)
+                        if let Err(e) = consumer.assignment().and_then(|a| consumer.pause(&a)) {
+                            tracing::warn!(error = %e, "cannot pause partitions");
+                        }
                     }
                     s.held.lock().expect("held lock").push_back(Held {
                         partition: m.partition(),
