@@ -3,7 +3,7 @@
 //! writes JSON (`--out FILE`, else `$OUT`, else `target/bench-engine.json`).
 //!
 //! ```text
-//! cargo bench --bench engine -- [--model DIR] [--new-tokens N] [--cache-tokens N] [--reps N]
+//! cargo bench --bench engine -- [--device cpu|cuda[:N]] [--model DIR] [--new-tokens N] [--cache-tokens N] [--reps N]
 //! cargo bench --bench engine -- --genai-model DIR [--prompt-len P] [--new-tokens N] [--reps N]
 //! cargo bench --bench engine -- --genai-model DIR --check EXPECT.json
 //! ```
@@ -39,6 +39,7 @@ struct Args {
     batches: Vec<usize>,
     check: Option<PathBuf>,
     out: Option<PathBuf>,
+    device: Device,
 }
 
 fn parse_args() -> Args {
@@ -52,6 +53,10 @@ fn parse_args() -> Args {
         batches: BATCHES.to_vec(),
         check: None,
         out: std::env::var_os("OUT").filter(|s| !s.is_empty()).map(PathBuf::from),
+        device: std::env::var("PREFSTREAM_BENCH_DEVICE")
+            .unwrap_or_else(|_| "cpu".into())
+            .parse()
+            .unwrap_or_else(|e| die(&format!("PREFSTREAM_BENCH_DEVICE: {e}"))),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -67,6 +72,7 @@ fn parse_args() -> Args {
             "--batches" => a.batches = val().split(',').map(|s| num(s.to_string())).collect(),
             "--out" => a.out = Some(val().into()),
             "--check" => a.check = Some(val().into()),
+            "--device" => a.device = val().parse().unwrap_or_else(|e| die(&format!("--device: {e}"))),
             "--bench" => {} // cargo bench passes this to every bench binary
             "-h" | "--help" => {
                 println!("{}", include_str!("engine.rs").lines().take(14).collect::<Vec<_>>().join("\n"));
@@ -83,8 +89,8 @@ fn die(msg: &str) -> ! {
     std::process::exit(2)
 }
 
-fn open(dir: &Path) -> (Manifest, Generator) {
-    let (manifest, mut gen) = load_package(dir, &Device::Cpu)
+fn open(dir: &Path, device: &Device) -> (Manifest, Generator) {
+    let (manifest, mut gen) = load_package(dir, device)
         .unwrap_or_else(|e| die(&format!("{e} (set --model / PREFSTREAM_BENCH_MODEL to a package directory)")));
     gen.ignore_stop = true;
     (manifest, gen)
@@ -187,7 +193,9 @@ fn throughput_table(rows: &[Value]) -> String {
 
 /// 4-signal prompts from `examples/events.jsonl`, consecutive events in file order.
 fn event_prompts() -> Vec<String> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/events.jsonl");
+    // The build tree's copy, else the working directory's (a bench binary shipped to another host).
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/events.jsonl");
+    let path = if built.exists() { built } else { PathBuf::from("examples/events.jsonl") };
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| die(&format!("{}: {e}", path.display())));
     let events: Vec<_> =
         text.lines().filter(|l| !l.trim().is_empty()).filter_map(|l| parse_event(l.as_bytes()).ok()).collect();
@@ -203,7 +211,7 @@ fn event_prompts() -> Vec<String> {
 }
 
 fn package_bench(args: &Args) -> Value {
-    let (manifest, mut gen) = open(&args.model);
+    let (manifest, mut gen) = open(&args.model, &args.device);
     let spec = gen.session().spec().clone();
     let texts = event_prompts();
     let mut encoded: Vec<Vec<u32>> = texts.iter().map(|p| gen.tokenizer().encode(p)).collect();
@@ -293,7 +301,7 @@ fn package_bench(args: &Args) -> Value {
 }
 
 fn genai_bench(args: &Args, dir: &Path) -> Value {
-    let (manifest, mut gen) = open(dir);
+    let (manifest, mut gen) = open(dir, &args.device);
     let spec = gen.session().spec().clone();
     let vocab = gen.tokenizer().vocab_size() as u32;
     println!(
@@ -327,8 +335,8 @@ fn genai_bench(args: &Args, dir: &Path) -> Value {
 
 /// Greedy tokens against onnxruntime-genai's on the same prompts (`genai_bench.py expect`),
 /// then left padding: ragged rows in one batch against each row alone.
-fn genai_check(dir: &Path, expect: &Path) -> Value {
-    let (_, mut gen) = open(dir);
+fn genai_check(dir: &Path, expect: &Path, device: &Device) -> Value {
+    let (_, mut gen) = open(dir, device);
     let text = std::fs::read_to_string(expect).unwrap_or_else(|e| die(&format!("{}: {e}", expect.display())));
     let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| die(&e.to_string()));
     let ids = |x: &Value| -> Vec<Vec<u32>> {
@@ -367,9 +375,13 @@ fn main() {
     let args = parse_args();
     let ort = prefstream::runtime::ort_library_path().map(|p| p.display().to_string()).unwrap_or_default();
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let mut report = json!({ "ort_library": ort, "threads_available": threads, "reps": args.reps });
+    let mut report = json!({
+        "ort_library": ort, "threads_available": threads, "reps": args.reps, "device": args.device.to_string(),
+    });
     match &args.genai_model {
-        Some(dir) if args.check.is_some() => report["check"] = genai_check(dir, args.check.as_deref().unwrap()),
+        Some(dir) if args.check.is_some() => {
+            report["check"] = genai_check(dir, args.check.as_deref().unwrap(), &args.device)
+        }
         Some(dir) => report["genai_model"] = genai_bench(&args, dir),
         None => report["package"] = package_bench(&args),
     }

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The onnxruntime-genai side of the engine comparison (run by scripts/bench-genai.sh).
 
-  build  --out DIR            random-weight Qwen2 (Hugging Face folder) -> genai model in DIR,
+  build  --out DIR [--precision fp16 --ep cuda]
+                              random-weight Qwen2 (Hugging Face folder) -> genai model in DIR,
                               plus the tokenizer.json + manifest.json the prefstream engine needs
   expect --model DIR ...      genai's greedy tokens on fixed prompts (the engine must match)
   time   --model DIR ...      tokens/s of og.Generator at each batch size -> JSON
@@ -69,7 +70,8 @@ def cmd_build(args):
     tok = word_tokenizer(args.vocab)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<eos>")
     fast.save_pretrained(hf)
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", hf, "-o", out, "-p", "fp32", "-e", "cpu",
+    builder = ["-p", args.precision, "-e", args.ep]
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", hf, "-o", out, *builder,
            "-c", os.path.join(args.work, "builder-cache")]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
@@ -83,7 +85,7 @@ def cmd_build(args):
         "model": "model.onnx",
         "tokenizer": "tokenizer.json",
         "generation": {"max_new_tokens": args.new_tokens},
-        "source": {"builder": "onnxruntime_genai.models.builder -p fp32 -e cpu", "qwen2_config": cfg.to_dict()},
+        "source": {"builder": "onnxruntime_genai.models.builder " + " ".join(builder), "qwen2_config": cfg.to_dict()},
     }
     with open(os.path.join(out, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2, default=str)
@@ -222,6 +224,9 @@ def main():
     b.add_argument("--max-positions", type=int, default=2048)
     b.add_argument("--new-tokens", type=int, default=64)
     b.add_argument("--seed", type=int, default=0)
+    # fp16 + cuda gives the GPU-shaped graph (fp16 KV cache, GroupQueryAttention's CUDA kernel).
+    b.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
+    b.add_argument("--ep", default="cpu", choices=["cpu", "cuda"])
     t = sub.add_parser("time")
     t.add_argument("--model", required=True)
     t.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
