@@ -73,10 +73,15 @@ impl Redis {
         format!("redis://127.0.0.1:{}/", self.1)
     }
 
-    fn commands(&self) -> u64 {
+    /// (commands processed, socket reads processed): reads per command shows how well the
+    /// service's requests are pipelined (each read costs the server a syscall).
+    fn stats(&self) -> (u64, u64) {
         let mut c = redis::Client::open(self.url()).unwrap().get_connection().unwrap();
         let info: String = redis::cmd("INFO").arg("stats").query(&mut c).unwrap();
-        info.lines().find_map(|l| l.strip_prefix("total_commands_processed:")).unwrap().trim().parse().unwrap()
+        let get = |k: &str| -> u64 {
+            info.lines().find_map(|l| l.strip_prefix(k)).map_or(0, |v| v.trim_start_matches(':').trim().parse().unwrap())
+        };
+        (get("total_commands_processed"), get("total_reads_processed"))
     }
 }
 
@@ -153,6 +158,7 @@ struct Outcome {
     durable_seconds: f64,
     updates: u64,
     redis_commands: u64,
+    redis_reads: u64,
 }
 
 async fn run_once(
@@ -192,7 +198,7 @@ async fn run_once(
     let (metrics, health) = (Metrics::new(), Arc::new(Health::default()));
     health.redis.store(true, Ordering::Relaxed);
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let before = redis.commands();
+    let before = redis.stats();
     let m = metrics.clone();
     let task = tokio::spawn(serve(cfg, Arc::new(store), inferencer, m, health, stop_rx));
     let want_updates = (users * (events / users / 4)) as u64; // events spread evenly over users
@@ -225,11 +231,12 @@ async fn run_once(
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let seconds = started.elapsed().as_secs_f64();
-    let redis_commands = redis.commands() - before;
+    let after = redis.stats();
+    let (redis_commands, redis_reads) = (after.0 - before.0, after.1 - before.1);
     stop.send(true).unwrap();
     task.await.unwrap().unwrap();
     drop(cluster);
-    Outcome { seconds, durable_seconds, updates: metrics.updates_published.get(), redis_commands }
+    Outcome { seconds, durable_seconds, updates: metrics.updates_published.get(), redis_commands, redis_reads }
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -240,21 +247,22 @@ async fn main() {
     println!("machine: {cores} cores; mock cluster (in-process) + redis-server (localhost)\n");
 
     let o = run_once(a.events, a.users, a.lanes, Arc::new(InstantInferencer), 256).await;
-    println!("| run | events | windows | seconds | events/s | Redis commands/event |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!("| run | events | windows | seconds | events/s | Redis commands/event | Redis socket reads/event |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     println!(
-        "| instant inferencer, to durable (appended) | {} | – | {:.2} | {:.0} | – |",
+        "| instant inferencer, to durable (appended) | {} | – | {:.2} | {:.0} | – | – |",
         a.events,
         o.durable_seconds,
         a.events as f64 / o.durable_seconds
     );
     println!(
-        "| instant inferencer, all updates published | {} | {} | {:.2} | {:.0} | {:.2} |",
+        "| instant inferencer, all updates published | {} | {} | {:.2} | {:.0} | {:.2} | {:.2} |",
         a.events,
         o.updates,
         o.seconds,
         a.events as f64 / o.seconds,
-        o.redis_commands as f64 / a.events as f64
+        o.redis_commands as f64 / a.events as f64,
+        o.redis_reads as f64 / a.events as f64
     );
 
     if a.skip_model {
@@ -266,13 +274,14 @@ async fn main() {
     let events = a.windows * 4;
     let o = run_once(events, users, a.lanes, Arc::new(engine), 32).await;
     println!(
-        "| default model ({}), max batch 16 | {} | {} | {:.2} | {:.0} ({:.2} windows/s) | {:.2} |",
+        "| default model ({}), max batch 16 | {} | {} | {:.2} | {:.0} ({:.2} windows/s) | {:.2} | {:.2} |",
         a.model,
         events,
         o.updates,
         o.seconds,
         events as f64 / o.seconds,
         o.updates as f64 / o.seconds,
-        o.redis_commands as f64 / events as f64
+        o.redis_commands as f64 / events as f64,
+        o.redis_reads as f64 / events as f64
     );
 }
