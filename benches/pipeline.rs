@@ -85,6 +85,25 @@ impl Redis {
     }
 }
 
+impl Redis {
+    /// Where the server's time went: `INFO commandstats`, largest first (commands run inside
+    /// scripts are counted both on their own line and in the EVALSHA that ran them).
+    fn command_time(&self) -> Vec<(String, u64, f64)> {
+        let mut c = redis::Client::open(self.url()).unwrap().get_connection().unwrap();
+        let info: String = redis::cmd("INFO").arg("commandstats").query(&mut c).unwrap();
+        let mut rows: Vec<(String, u64, f64)> = info
+            .lines()
+            .filter_map(|l| {
+                let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+                let field = |k: &str| rest.split(',').find_map(|kv| kv.strip_prefix(k)?.strip_prefix('='));
+                Some((name.to_string(), field("calls")?.parse().ok()?, field("usec")?.parse().ok()?))
+            })
+            .collect();
+        rows.sort_by(|a, b| b.2.total_cmp(&a.2));
+        rows
+    }
+}
+
 impl Drop for Redis {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -232,6 +251,12 @@ async fn run_once(
     }
     let seconds = started.elapsed().as_secs_f64();
     let after = redis.stats();
+    let total: f64 = redis.command_time().iter().filter(|r| r.0 != "evalsha" && r.0 != "exec").map(|r| r.2).sum();
+    eprintln!("redis time by command (µs per event; commands inside scripts also count in evalsha):");
+    for (name, calls, usec) in redis.command_time().into_iter().take(12) {
+        eprintln!("  {name:<18} {calls:>9} calls  {:>7.2} µs/event", usec / events as f64);
+    }
+    eprintln!("  (commands outside evalsha/exec totals: {:.2} µs/event)", total / events as f64);
     let (redis_commands, redis_reads) = (after.0 - before.0, after.1 - before.1);
     stop.send(true).unwrap();
     task.await.unwrap().unwrap();
