@@ -79,7 +79,9 @@ impl Redis {
         let mut c = redis::Client::open(self.url()).unwrap().get_connection().unwrap();
         let info: String = redis::cmd("INFO").arg("stats").query(&mut c).unwrap();
         let get = |k: &str| -> u64 {
-            info.lines().find_map(|l| l.strip_prefix(k)).map_or(0, |v| v.trim_start_matches(':').trim().parse().unwrap())
+            info.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map_or(0, |v| v.trim_start_matches(':').trim().parse().unwrap())
         };
         (get("total_commands_processed"), get("total_reads_processed"))
     }

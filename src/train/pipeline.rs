@@ -33,6 +33,10 @@ pub struct Preset {
     pub judge_steps: usize,
     pub judge_layers: usize,
     pub judge_lr: f64,
+    /// Copy warm-up steps on single-signal examples before SFT (0: none; off in `full`, which
+    /// must fit 60 minutes — see docs/training.md for what 1,500 steps measured).
+    #[serde(default)]
+    pub sft_copy_steps: usize,
     pub sft_steps: usize,
     pub sft_batch: usize,
     pub sft_lr: f64,
@@ -55,6 +59,7 @@ impl Preset {
             judge_steps: 6000,
             judge_layers: 0,
             judge_lr: 1e-2,
+            sft_copy_steps: 0,
             sft_steps: 700,
             sft_batch: 12,
             sft_lr: 2e-3,
@@ -75,6 +80,7 @@ impl Preset {
             judge_steps: 60,
             judge_layers: 0,
             judge_lr: 1e-2,
+            sft_copy_steps: 4,
             sft_steps: 8,
             sft_batch: 8,
             sft_lr: 2e-3,
@@ -284,6 +290,16 @@ impl Run {
         tracing::info!(examples = data.len(), dropped = examples.len() - data.len(), longest, "tokenized");
         let vars = VarMap::new();
         let model = sft::new_policy(&cfg, &vars)?;
+        if preset.sft_copy_steps > 0 {
+            let copy = sft::tokenize(&sft::copy_examples(&world, &mut rng), &tok, cfg.max_positions);
+            let (valid, train) = copy.split_at(copy.len().min(64).min(copy.len() / 10));
+            tracing::info!(examples = copy.len(), steps = preset.sft_copy_steps, "copy warm-up (one signal each)");
+            let tc = TrainConfig { steps: preset.sft_copy_steps, batch: 16, lr: 2e-3, warmup: 20 };
+            let pb = bar("sft copy warm-up");
+            let curves = sft::train(&model, &vars, train, valid, &tc, tok.pad, &mut rng, &pb)?;
+            pb.finish();
+            curves.write(&self.dir, "sft_copy_curve")?;
+        }
         let tc = TrainConfig {
             steps: preset.sft_steps,
             batch: preset.sft_batch,

@@ -6,7 +6,7 @@ use super::curves::Curves;
 use super::judge::{mean, Scorer};
 use super::model::{Gpt, GptConfig};
 use super::synth::{Annotation, Split, UserRecord, World};
-use super::teacher::{teach, Signal, Stated};
+use super::teacher::{observe, teach, Signal, Stated};
 use crate::event::Event;
 use crate::prompt::{build_prompt, build_response};
 use crate::tokenizer::TextTokenizer;
@@ -107,6 +107,31 @@ pub fn build_examples(
     }
     stats.examples = out.len();
     Ok((out, stats))
+}
+
+/// Copy warm-up data: one signal per example from every train user, the target quoting every
+/// pole the signal shows (`teacher::observe`). Short sequences, so steps are cheap; a tiny
+/// decoder trained on the 4-signal task alone never learned to copy within the budget.
+pub fn copy_examples(world: &World, rng: &mut impl Rng) -> Vec<SftExample> {
+    let train: std::collections::HashSet<&str> =
+        world.users.iter().filter(|u| u.split == Split::Train).map(|u| u.user_id.as_str()).collect();
+    let ann: HashMap<&str, &Annotation> = world.annotations.iter().map(|a| (a.event_id.as_str(), a)).collect();
+    let mut out = Vec::new();
+    for e in &world.events {
+        if !train.contains(e.user_id.as_str()) {
+            continue;
+        }
+        let Some(&a) = ann.get(e.event_id.as_str()) else { continue };
+        let sig: Signal = (&e.body, a);
+        let c = observe(&[sig], rng);
+        out.push(SftExample {
+            user_id: e.user_id.clone(),
+            streaming: false,
+            prompt: build_prompt(None, [&e.body]),
+            response: build_response(&c.reasoning, &c.description),
+        });
+    }
+    out
 }
 
 pub struct Tokenized {

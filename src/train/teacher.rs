@@ -117,6 +117,16 @@ pub fn teach(
         .collect()
 }
 
+/// The copy warm-up's target for a few signals: the evidence lines and every pole they show,
+/// in the signals' own words. A function of the prompt alone, so a small student can learn to
+/// quote before it learns to select (see `sft::copy_examples`).
+pub fn observe(window: &[Signal], rng: &mut impl Rng) -> Candidate {
+    let prefs: Vec<Stated> = window.iter().flat_map(shown).collect();
+    let reasoning = format!("{} So: {}.", evidence(window).join(" "), joined(&prefs));
+    let words: Vec<&str> = prefs.iter().map(|s| s.1.as_str()).collect();
+    Candidate { reasoning, description: describe_surfaces(&words, rng), prefs }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,5 +164,21 @@ mod tests {
         assert!(c[0].reasoning.contains("Before: earlier words."));
         assert!(c[0].description.contains(p12));
         assert!(c[1..].iter().any(|x| x.prefs != c[0].prefs));
+    }
+
+    #[test]
+    fn observe_quotes_every_pole_the_signals_show() {
+        let p12 = pole(12, 1).phrases[1];
+        let p40 = pole(40, -1).phrases[0];
+        let body = EventBody::Comparison {
+            post: "p".into(),
+            chosen: format!("Try {p12}. Go for {p40}."),
+            rejected: "y".into(),
+        };
+        let a = ann(vec![Pref { dim: 12, dir: 1 }, Pref { dim: 40, dir: -1 }]);
+        let c = observe(&[(&body, &a)], &mut StdRng::seed_from_u64(2));
+        assert_eq!(c.prefs.iter().map(|s| s.1.as_str()).collect::<Vec<_>>(), vec![p12, p40]);
+        assert_eq!(c.reasoning, format!("1: chose {p12}, {p40}. So: {p12}, {p40}."));
+        assert!(c.description.contains(p12) && c.description.contains(p40));
     }
 }
