@@ -76,8 +76,7 @@ impl Redis {
     /// (commands processed, socket reads processed): reads per command shows how well the
     /// service's requests are pipelined (each read costs the server a syscall).
     fn stats(&self) -> (u64, u64) {
-        let mut c = redis::Client::open(self.url()).unwrap().get_connection().unwrap();
-        let info: String = redis::cmd("INFO").arg("stats").query(&mut c).unwrap();
+        let info = self.info("stats");
         let get = |k: &str| -> u64 {
             info.lines()
                 .find_map(|l| l.strip_prefix(k))
@@ -85,15 +84,12 @@ impl Redis {
         };
         (get("total_commands_processed"), get("total_reads_processed"))
     }
-}
 
-impl Redis {
     /// Where the server's time went: `INFO commandstats`, largest first (commands run inside
     /// scripts are counted both on their own line and in the EVALSHA that ran them).
     fn command_time(&self) -> Vec<(String, u64, f64)> {
-        let mut c = redis::Client::open(self.url()).unwrap().get_connection().unwrap();
-        let info: String = redis::cmd("INFO").arg("commandstats").query(&mut c).unwrap();
-        let mut rows: Vec<(String, u64, f64)> = info
+        let mut rows: Vec<(String, u64, f64)> = self
+            .info("commandstats")
             .lines()
             .filter_map(|l| {
                 let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
@@ -103,6 +99,11 @@ impl Redis {
             .collect();
         rows.sort_by(|a, b| b.2.total_cmp(&a.2));
         rows
+    }
+
+    fn info(&self, section: &str) -> String {
+        let mut c = redis::Client::open(self.url()).unwrap().get_connection().unwrap();
+        redis::cmd("INFO").arg(section).query(&mut c).unwrap()
     }
 }
 
@@ -253,9 +254,10 @@ async fn run_once(
     }
     let seconds = started.elapsed().as_secs_f64();
     let after = redis.stats();
-    let total: f64 = redis.command_time().iter().filter(|r| r.0 != "evalsha" && r.0 != "exec").map(|r| r.2).sum();
+    let rows = redis.command_time();
+    let total: f64 = rows.iter().filter(|r| r.0 != "evalsha" && r.0 != "exec").map(|r| r.2).sum();
     eprintln!("redis time by command (µs per event; commands inside scripts also count in evalsha):");
-    for (name, calls, usec) in redis.command_time().into_iter().take(12) {
+    for (name, calls, usec) in rows.into_iter().take(12) {
         eprintln!("  {name:<18} {calls:>9} calls  {:>7.2} µs/event", usec / events as f64);
     }
     eprintln!("  (commands outside evalsha/exec totals: {:.2} µs/event)", total / events as f64);

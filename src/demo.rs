@@ -73,11 +73,13 @@ pub async fn run(
     });
     let producer: FutureProducer = service.kafka.config().create()?;
     let mut per_user = std::collections::HashMap::<String, usize>::new();
+    for e in &world.events {
+        *per_user.entry(e.user_id.clone()).or_default() += 1;
+    }
     // All in flight at once (awaiting each delivery in turn costs a linger per event).
-    let payloads: Vec<(&str, String)> = world.events.iter().map(|e| (e.user_id.as_str(), e.to_json())).collect();
-    let sends = payloads.iter().map(|(user, payload)| {
-        *per_user.entry(user.to_string()).or_default() += 1;
-        producer.send(FutureRecord::to(&topics.events).key(*user).payload(payload), Timeout::Never)
+    let payloads: Vec<String> = world.events.iter().map(|e| e.to_json()).collect();
+    let sends = world.events.iter().zip(&payloads).map(|(e, payload)| {
+        producer.send(FutureRecord::to(&topics.events).key(&e.user_id).payload(payload), Timeout::Never)
     });
     futures::future::try_join_all(sends).await.map_err(|(e, _)| e)?;
     // Bad input goes to the dead-letter topic and the stream goes on.

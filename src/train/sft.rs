@@ -36,14 +36,17 @@ pub struct FilterStats {
 
 /// A user's signals in order, each with its ground-truth annotation, cut into windows.
 pub fn user_windows(world: &World) -> HashMap<&str, Vec<Vec<(&Event, &Annotation)>>> {
-    let ann: HashMap<&str, &Annotation> = world.annotations.iter().map(|a| (a.event_id.as_str(), a)).collect();
     let mut by_user: HashMap<&str, Vec<(&Event, &Annotation)>> = HashMap::new();
-    for e in &world.events {
-        if let Some(a) = ann.get(e.event_id.as_str()) {
-            by_user.entry(e.user_id.as_str()).or_default().push((e, a));
-        }
+    for (e, a) in annotated(world) {
+        by_user.entry(e.user_id.as_str()).or_default().push((e, a));
     }
     by_user.into_iter().map(|(u, evs)| (u, evs.chunks_exact(WINDOW).map(<[_]>::to_vec).collect())).collect()
+}
+
+/// Every event that has a ground-truth annotation, in stream order, with it.
+fn annotated(world: &World) -> impl Iterator<Item = (&Event, &Annotation)> {
+    let ann: HashMap<&str, &Annotation> = world.annotations.iter().map(|a| (a.event_id.as_str(), a)).collect();
+    world.events.iter().filter_map(move |e| Some((e, *ann.get(e.event_id.as_str())?)))
 }
 
 /// Teacher → judge filter → examples. Per train user: a streaming chain over its windows
@@ -115,23 +118,18 @@ pub fn build_examples(
 pub fn copy_examples(world: &World, rng: &mut impl Rng) -> Vec<SftExample> {
     let train: std::collections::HashSet<&str> =
         world.users.iter().filter(|u| u.split == Split::Train).map(|u| u.user_id.as_str()).collect();
-    let ann: HashMap<&str, &Annotation> = world.annotations.iter().map(|a| (a.event_id.as_str(), a)).collect();
-    let mut out = Vec::new();
-    for e in &world.events {
-        if !train.contains(e.user_id.as_str()) {
-            continue;
-        }
-        let Some(&a) = ann.get(e.event_id.as_str()) else { continue };
-        let sig: Signal = (&e.body, a);
-        let c = observe(&[sig], rng);
-        out.push(SftExample {
-            user_id: e.user_id.clone(),
-            streaming: false,
-            prompt: build_prompt(None, [&e.body]),
-            response: build_response(&c.reasoning, &c.description),
-        });
-    }
-    out
+    annotated(world)
+        .filter(|(e, _)| train.contains(e.user_id.as_str()))
+        .map(|(e, a)| {
+            let c = observe(&[(&e.body, a)], rng);
+            SftExample {
+                user_id: e.user_id.clone(),
+                streaming: false,
+                prompt: build_prompt(None, [&e.body]),
+                response: build_response(&c.reasoning, &c.description),
+            }
+        })
+        .collect()
 }
 
 pub struct Tokenized {

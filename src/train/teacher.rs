@@ -106,25 +106,28 @@ pub fn teach(
             if i > 0 && rng.gen_bool(error_rate) {
                 mistake(&mut prefs, window, rng);
             }
-            let mut reasoning = lines.join(" ");
-            if !prev.is_empty() {
-                reasoning.push_str(&format!(" Before: {}.", joined(prev)));
-            }
-            reasoning.push_str(&format!(" So: {}.", joined(&prefs)));
-            let words: Vec<&str> = prefs.iter().map(|s| s.1.as_str()).collect();
-            Candidate { reasoning, description: describe_surfaces(&words, rng), prefs }
+            candidate(&lines, prev, prefs, rng)
         })
         .collect()
+}
+
+/// The reasoning (evidence lines, the previous preferences, the conclusion) and description
+/// for `prefs`.
+fn candidate(lines: &[String], prev: &[Stated], prefs: Vec<Stated>, rng: &mut impl Rng) -> Candidate {
+    let mut reasoning = lines.join(" ");
+    if !prev.is_empty() {
+        reasoning.push_str(&format!(" Before: {}.", joined(prev)));
+    }
+    reasoning.push_str(&format!(" So: {}.", joined(&prefs)));
+    let words: Vec<&str> = prefs.iter().map(|s| s.1.as_str()).collect();
+    Candidate { reasoning, description: describe_surfaces(&words, rng), prefs }
 }
 
 /// The copy warm-up's target for a few signals: the evidence lines and every pole they show,
 /// in the signals' own words. A function of the prompt alone, so a small student can learn to
 /// quote before it learns to select (see `sft::copy_examples`).
 pub fn observe(window: &[Signal], rng: &mut impl Rng) -> Candidate {
-    let prefs: Vec<Stated> = window.iter().flat_map(shown).collect();
-    let reasoning = format!("{} So: {}.", evidence(window).join(" "), joined(&prefs));
-    let words: Vec<&str> = prefs.iter().map(|s| s.1.as_str()).collect();
-    Candidate { reasoning, description: describe_surfaces(&words, rng), prefs }
+    candidate(&evidence(window), &[], window.iter().flat_map(shown).collect(), rng)
 }
 
 #[cfg(test)]
