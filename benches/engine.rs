@@ -288,7 +288,7 @@ fn package_bench(args: &Args) -> Value {
         "manifest": { "name": manifest.name, "version": manifest.version, "max_positions": manifest.max_positions },
         "graph": { "layers": spec.layers, "kv_heads": spec.kv_heads, "head_dim": spec.head_dim,
                    "kv_dtype": format!("{:?}", spec.kv_dtype), "id_dtype": format!("{:?}", spec.id_dtype),
-                   "position_ids": spec.has_position_ids },
+                   "position_ids": spec.has_position_ids, "share_buffer": spec.share_buffer },
         "prompts": { "windows": lens.len(), "mean_tokens": mean_len, "max_tokens": lens.iter().max(), "note": note },
         "batches": rows,
         "cache": {
@@ -305,13 +305,15 @@ fn genai_bench(args: &Args, dir: &Path) -> Value {
     let spec = gen.session().spec().clone();
     let vocab = gen.tokenizer().vocab_size() as u32;
     println!(
-        "## Engine on the onnxruntime-genai model `{}` ({} layers, {} kv heads × {}, ids {:?}, position_ids: {})\n",
+        "## Engine on the onnxruntime-genai model `{}` ({} layers, {} kv heads × {}, ids {:?}, position_ids: {}, \
+         shared past/present buffer: {})\n",
         dir.display(),
         spec.layers,
         spec.kv_heads,
         spec.head_dim,
         spec.id_dtype,
-        spec.has_position_ids
+        spec.has_position_ids,
+        spec.share_buffer
     );
     println!("Random prompts of {} ids, {} new tokens, greedy.\n", args.prompt_len, args.new_tokens);
     let p = args.prompt_len;
@@ -326,7 +328,7 @@ fn genai_bench(args: &Args, dir: &Path) -> Value {
         "manifest": manifest.name,
         "graph": { "layers": spec.layers, "kv_heads": spec.kv_heads, "head_dim": spec.head_dim,
                    "kv_dtype": format!("{:?}", spec.kv_dtype), "id_dtype": format!("{:?}", spec.id_dtype),
-                   "position_ids": spec.has_position_ids },
+                   "position_ids": spec.has_position_ids, "share_buffer": spec.share_buffer },
         "prompt_len": p,
         "new_tokens": args.new_tokens,
         "batches": rows,

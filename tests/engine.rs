@@ -213,3 +213,33 @@ fn infer_cli_prints_json() {
     assert!(!out.status.success());
     assert!(stderr.contains("events.jsonl:2"), "{stderr}");
 }
+
+/// An onnxruntime-genai GQA graph (`tests/fixtures/genai-gqa`): the shared past/present buffer
+/// and re-feeding both give genai's own greedy tokens, and a left-padded ragged batch gives each
+/// row what it gets alone.
+#[test]
+fn genai_gqa_graph_matches_genai() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/genai-gqa");
+    let mut gen = open(&dir);
+    let spec = gen.session().spec().clone();
+    assert_eq!((spec.layers, spec.kv_heads, spec.head_dim), (2, 2, 16), "{spec:?}");
+    assert!(spec.share_buffer && !spec.has_position_ids, "{spec:?}");
+    let expect: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expect.json")).unwrap()).unwrap();
+    let ids = |v: &serde_json::Value| -> Vec<Vec<u32>> { serde_json::from_value(v.clone()).unwrap() };
+    let (prompts, want) = (ids(&expect["prompts"]), ids(&expect["tokens"]));
+    gen.max_new_tokens = want[0].len();
+    gen.ignore_stop = true;
+    let argmax = |_: usize, l: &[f32]| (0..l.len()).max_by(|&a, &b| l[a].total_cmp(&l[b])).unwrap() as u32;
+    let greedy = |gen: &mut Generator, p: &[Vec<u32>]| -> Vec<Vec<u32>> {
+        gen.generate_ids(p, argmax).unwrap().into_iter().map(|o| o.tokens).collect()
+    };
+    assert_eq!(greedy(&mut gen, &prompts), want, "shared buffer");
+    let ragged: Vec<Vec<u32>> = prompts.iter().enumerate().map(|(i, p)| p[3 * i..].to_vec()).collect();
+    let batched = greedy(&mut gen, &ragged);
+    for (row, p) in ragged.iter().enumerate() {
+        assert_eq!(greedy(&mut gen, std::slice::from_ref(p))[0], batched[row], "row {row}");
+    }
+    gen.use_cache = false;
+    assert_eq!(greedy(&mut gen, &prompts), want, "no cache");
+}

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use rand::{rngs::StdRng, SeedableRng};
 
-use super::session::{DecoderSession, StepInput};
+use super::session::{Cache, DecoderSession, StepInput};
 use super::Result;
 use crate::padding::{pad_left, positions};
 use crate::sampling::{sample, SamplingParams};
@@ -160,6 +160,8 @@ impl Generator {
         self.stats.prompt_tokens += prompts.iter().map(Vec::len).sum::<usize>();
 
         let mut past = self.session.empty_cache(n)?;
+        let share = self.use_cache && self.session.spec().share_buffer;
+        let mut shared = if share { self.session.shared_cache(n, width + max_new)? } else { vec![] };
         let mut fed = 0; // columns already in the cache
         let mut done = vec![false; n];
         for step in 0..max_new {
@@ -172,12 +174,15 @@ impl Generator {
             }
             let t0 = Instant::now();
             let input = StepInput { batch: n, ids: &ids, mask: &flat_mask, positions: &positions };
-            let res = self.session.step(&input, &past, self.use_cache && step > 0)?;
+            let cache = if share { Cache::Shared(&mut shared) } else { Cache::Grow(&past) };
+            let res = self.session.step(&input, cache, self.use_cache && step > 0)?;
             self.stats.model_ms += t0.elapsed().as_secs_f64() * 1e3;
             self.stats.steps += 1;
             self.stats.bytes_copied += res.bytes_copied;
-            if self.use_cache {
+            if self.use_cache && !share {
                 past = res.presents; // moved, never copied
+            }
+            if self.use_cache {
                 fed = seqs[0].len();
             }
             for i in 0..n {

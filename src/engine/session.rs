@@ -27,6 +27,19 @@ pub struct GraphSpec {
     pub has_position_ids: bool,
     /// Merged decoders (Optimum) pick the no-cache or cache subgraph with this bool input.
     pub has_use_cache_branch: bool,
+    /// GroupQueryAttention graphs (onnxruntime-genai's `past_present_share_buffer`) can write
+    /// each step's keys/values into the past buffer itself, so one buffer is bound as both
+    /// `past_key_values.*` and `present.*` and no step copies the cache.
+    pub share_buffer: bool,
+}
+
+/// The cache a step reads.
+pub enum Cache<'a> {
+    /// Growing pasts; the step returns new `present.*` values holding past + new.
+    Grow(&'a [DynValue]),
+    /// `[batch, kv_heads, max_len, head_dim]` buffers bound as past and present (`share_buffer`
+    /// graphs); the step writes the new positions in place and returns no presents.
+    Shared(&'a mut [DynTensor]),
 }
 
 pub struct DecoderSession {
@@ -68,8 +81,10 @@ fn tensor_info(vt: &ValueType) -> Option<TensorInfo> {
 impl DecoderSession {
     pub fn open(path: &Path, device: &Device) -> Result<Self> {
         let session = runtime::session_from_file(path, device)?;
-        let spec =
+        let mut spec =
             discover(&session, path).map_err(|message| EngineError::Graph { path: path.to_path_buf(), message })?;
+        // Checked on CPU only so far (the CUDA run predates it); PREFSTREAM_KV_SHARE=0 opts out.
+        spec.share_buffer &= *device == Device::Cpu && std::env::var("PREFSTREAM_KV_SHARE").map_or(true, |v| v != "0");
         tracing::info!(path = %path.display(), ?spec, %device, "decoder loaded");
         Ok(Self { session, spec, device: *device, path: path.to_path_buf() })
     }
@@ -89,9 +104,16 @@ impl DecoderSession {
         (0..2 * s.layers).map(|_| Ok(DynTensor::new(&Allocator::default(), s.kv_dtype, shape)?.into_dyn())).collect()
     }
 
-    /// Runs one step. `past` holds `2 * layers` values (key, value per layer); they are bound,
+    /// Buffers for `Cache::Shared`: room for `max_len` positions, allocated once per batch.
+    pub fn shared_cache(&self, batch: usize, max_len: usize) -> Result<Vec<DynTensor>> {
+        let s = &self.spec;
+        let shape = [batch as i64, s.kv_heads as i64, max_len as i64, s.head_dim as i64];
+        (0..2 * s.layers).map(|_| Ok(DynTensor::new(&Allocator::default(), s.kv_dtype, shape)?)).collect()
+    }
+
+    /// Runs one step. The cache holds `2 * layers` values (key, value per layer); they are bound,
     /// not copied. `cache_branch` feeds `use_cache_branch` on merged decoders.
-    pub fn step(&mut self, input: &StepInput, past: &[DynValue], cache_branch: bool) -> Result<StepOutput> {
+    pub fn step(&mut self, input: &StepInput, cache: Cache<'_>, cache_branch: bool) -> Result<StepOutput> {
         let spec = &self.spec;
         let b = input.batch;
         let seq = input.ids.len() / b;
@@ -114,9 +136,26 @@ impl DecoderSession {
         if spec.has_use_cache_branch {
             binding.bind_input("use_cache_branch", &branch)?;
         }
-        for i in 0..spec.layers {
-            binding.bind_input(format!("past_key_values.{i}.key"), &past[2 * i])?;
-            binding.bind_input(format!("past_key_values.{i}.value"), &past[2 * i + 1])?;
+        let names = |i: usize| {
+            let kind = if i.is_multiple_of(2) { "key" } else { "value" };
+            (format!("past_key_values.{}.{kind}", i / 2), format!("present.{}.{kind}", i / 2))
+        };
+        let shared = matches!(cache, Cache::Shared(_));
+        match cache {
+            Cache::Grow(past) => {
+                for (i, v) in past.iter().enumerate() {
+                    binding.bind_input(names(i).0, v)?;
+                }
+            }
+            Cache::Shared(buffers) => {
+                // Tensors made by `Tensor::new` are bound without a clone, so input and output
+                // are the same memory and GroupQueryAttention sees the shared buffer.
+                for (i, v) in buffers.iter_mut().enumerate() {
+                    let (past, present) = names(i);
+                    binding.bind_input(past, &*v)?;
+                    binding.bind_output(present, v)?;
+                }
+            }
         }
         let host = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)?;
         let cache_mem = match self.device {
@@ -126,20 +165,19 @@ impl DecoderSession {
             }
         };
         binding.bind_output_to_device("logits", &host)?;
-        for i in 0..spec.layers {
-            binding.bind_output_to_device(format!("present.{i}.key"), &cache_mem)?;
-            binding.bind_output_to_device(format!("present.{i}.value"), &cache_mem)?;
+        if !shared {
+            for i in 0..2 * spec.layers {
+                binding.bind_output_to_device(names(i).1, &cache_mem)?;
+            }
         }
         let mut out = self.session.run_binding(&binding)?;
         let logits = out.remove("logits").ok_or_else(|| graph_err(&self.path, "logits", "missing output"))?;
         let (rows, vocab) = last_logits(&logits, b).map_err(|e| graph_err(&self.path, "logits", e))?;
         bytes += rows.len() * 4;
         let mut presents = Vec::with_capacity(2 * spec.layers);
-        for i in 0..spec.layers {
-            for kind in ["key", "value"] {
-                let name = format!("present.{i}.{kind}");
-                presents.push(out.remove(name.as_str()).ok_or_else(|| graph_err(&self.path, &name, "missing output"))?);
-            }
+        for i in (0..2 * spec.layers).filter(|_| !shared) {
+            let name = names(i).1;
+            presents.push(out.remove(name.as_str()).ok_or_else(|| graph_err(&self.path, &name, "missing output"))?);
         }
         Ok(StepOutput { logits: rows, vocab, presents, bytes_copied: bytes })
     }
@@ -214,11 +252,15 @@ pub fn f16_to_f32(h: u16) -> f32 {
     f32::from_bits(bits)
 }
 
-/// `kv_heads` / `head_dim` from an onnxruntime-genai `genai_config.json` beside the model, for
-/// graphs whose cache shapes leave them symbolic (its builder names head_dim `kv_cache_dim`).
+/// The onnxruntime-genai `genai_config.json` beside the model, if any.
+fn genai_config(model: &Path) -> Option<serde_json::Value> {
+    serde_json::from_str(&std::fs::read_to_string(model.with_file_name("genai_config.json")).ok()?).ok()
+}
+
+/// `kv_heads` / `head_dim` from genai's config, for graphs whose cache shapes leave them
+/// symbolic (its builder names head_dim `kv_cache_dim`).
 fn genai_cache_dims(model: &Path) -> Option<(i64, i64)> {
-    let text = std::fs::read_to_string(model.with_file_name("genai_config.json")).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let v = genai_config(model)?;
     let d = &v["model"]["decoder"];
     Some((d["num_key_value_heads"].as_i64()?, d["head_size"].as_i64()?))
 }
@@ -297,6 +339,9 @@ fn discover(session: &Session, path: &Path) -> Result<GraphSpec, String> {
         id_dtype,
         has_position_ids: find("position_ids").is_some(),
         has_use_cache_branch: find("use_cache_branch").is_some(),
+        // genai sets this only for its GroupQueryAttention graphs, which take no position_ids.
+        share_buffer: find("position_ids").is_none()
+            && genai_config(path).is_some_and(|v| v["search"]["past_present_share_buffer"] == true),
     })
 }
 
