@@ -216,6 +216,7 @@ pub mod conformance {
     pub async fn run_all<S: StateStore + ?Sized>(store: &S) {
         append_dedupe_and_claim(store).await;
         window_ordered_by_ts(store).await;
+        odd_event_ids(store).await;
         apply_cas_and_idempotence(store).await;
         fail_retries_then_parks(store).await;
         take_partial_window(store).await;
@@ -257,6 +258,20 @@ pub mod conformance {
         assert_eq!(store.append(&u, &event(&u, "e9", 30), 4).await.unwrap(), AppendOutcome::Pending(1));
         let w3 = expect_full(store.append(&u, &event(&u, "e10", 31), 2).await.unwrap());
         assert_eq!(w3.event_ids(), ["e9", "e10"]);
+        store.forget(&u).await.unwrap();
+    }
+
+    /// Ids JSON escapes (quote, backslash, control) and non-ASCII ids name the window exactly
+    /// as `window_id` does (the Redis claim reads plain ids without decoding the event).
+    pub async fn odd_event_ids<S: StateStore + ?Sized>(store: &S) {
+        let u = fresh_user("ids");
+        let ids = ["q\"uote", "back\\slash", "tab\t", "é-ünï-中"];
+        for (i, id) in ids.iter().enumerate().take(3) {
+            store.append(&u, &event(&u, id, i as u32), 4).await.unwrap();
+        }
+        let w = expect_full(store.append(&u, &event(&u, ids[3], 3), 4).await.unwrap());
+        assert_eq!(w.id, window_id(&ids));
+        assert_eq!(w.event_ids(), ids);
         store.forget(&u).await.unwrap();
     }
 
