@@ -12,6 +12,10 @@
 //!    every window's update is acknowledged, and Redis commands per event (from `INFO stats`);
 //! 2. the real default model end to end: windows/s (W windows, default 256).
 
+// The service binary's allocator (src/bin/prefstream.rs), so the bench measures what ships.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;

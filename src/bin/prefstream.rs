@@ -1,5 +1,9 @@
 //! `prefstream`: the serving CLI.
 
+// See Cargo.toml: jemalloc is faster than glibc's malloc on the service's per-event allocations.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

@@ -283,6 +283,11 @@ mod tests {
         let grads = loss.backward().unwrap();
         for (name, var) in vm.data().lock().unwrap().iter() {
             let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
+            // A key bias adds q·b to every score of a query alike, which softmax cancels: its
+            // true gradient is zero and only rounding makes it non-zero (so it is not asserted).
+            if name.ends_with("attn.k.bias") {
+                continue;
+            }
             assert!(g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0, "{name}: zero gradient");
         }
     }
