@@ -3,7 +3,7 @@
 //! redis-server started here.
 //!
 //! ```text
-//! cargo bench --bench pipeline -- [--events N] [--users U] [--lanes L] [--model DIR] [--windows W] [--skip-model]
+//! cargo bench --bench pipeline -- [--events N] [--users U] [--lanes L] [--model DIR] [--windows W] [--workers T] [--skip-model]
 //! ```
 //!
 //! Two runs:
@@ -125,11 +125,20 @@ struct Args {
     lanes: usize,
     windows: usize,
     model: String,
+    /// Tokio worker threads (`prefstream --worker-threads`); 1 measured fastest on 2 cores.
+    workers: usize,
 }
 
 fn args() -> Args {
-    let mut a =
-        Args { skip_model: false, events: 200_000, users: 25_000, lanes: 64, windows: 256, model: "onnx".into() };
+    let mut a = Args {
+        skip_model: false,
+        events: 200_000,
+        users: 25_000,
+        lanes: 64,
+        windows: 256,
+        model: "onnx".into(),
+        workers: 1,
+    };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < argv.len() {
@@ -140,6 +149,7 @@ fn args() -> Args {
             "--lanes" => a.lanes = val().parse().unwrap(),
             "--windows" => a.windows = val().parse().unwrap(),
             "--model" => a.model = val(),
+            "--workers" => a.workers = val().parse().unwrap(),
             "--skip-model" => {
                 a.skip_model = true;
                 i += 1;
@@ -272,12 +282,19 @@ async fn run_once(
     Outcome { seconds, durable_seconds, updates: metrics.updates_published.get(), redis_commands, redis_reads }
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
+fn main() {
     let a = args();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(a.workers).enable_all().build().unwrap();
+    rt.block_on(bench(a));
+}
+
+async fn bench(a: Args) {
     prefstream::telemetry::init_logging(prefstream::telemetry::LogFormat::Text);
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    println!("machine: {cores} cores; mock cluster (in-process) + redis-server (localhost)\n");
+    println!(
+        "machine: {cores} cores; mock cluster (in-process) + redis-server (localhost); {} tokio worker(s)\n",
+        a.workers
+    );
 
     let o = run_once(a.events, a.users, a.lanes, Arc::new(InstantInferencer), 256).await;
     println!("| run | events | windows | seconds | events/s | Redis commands/event | Redis socket reads/event |");

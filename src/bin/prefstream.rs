@@ -26,6 +26,11 @@ use prefstream::telemetry::{self, Health, LogFormat, Metrics};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Async worker threads (Kafka, Redis, HTTP; the model has its own threads). 0: one per
+    /// core. On a small host that also runs Redis or the broker, 1 is faster (fewer context
+    /// switches; see docs/benchmarks.md).
+    #[arg(long, env = "PREFSTREAM_WORKER_THREADS", default_value_t = 0, global = true)]
+    worker_threads: usize,
 }
 
 #[derive(Subcommand)]
@@ -172,7 +177,9 @@ struct InferArgs {
 }
 
 fn main() -> Result<()> {
-    match Cli::parse().cmd {
+    let cli = Cli::parse();
+    let runtime = || runtime(cli.worker_threads);
+    match cli.cmd {
         Cmd::Run(args) => {
             telemetry::init_logging(args.ops.log_format);
             runtime()?.block_on(run(args))
@@ -196,8 +203,12 @@ fn main() -> Result<()> {
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+fn runtime(workers: usize) -> Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        builder.worker_threads(workers);
+    }
+    Ok(builder.enable_all().build()?)
 }
 
 fn start_engine(model: &ModelArgs) -> Result<EngineHandle> {
