@@ -77,6 +77,8 @@ async fn key_layout_contract() {
         store.append(u, &event(u, &format!("k{i}"), i), 4).await.unwrap();
     }
     let w = store.inflight(u).await.unwrap().remove(0);
+    // One failed attempt first: its count must be gone once the window is applied and complete.
+    store.fail(u, &w.id, "invalid output", 3).await.unwrap();
     store.apply(u, &w.id, 0, "likes brevity", &w.event_ids(), "tiny-v1").await.unwrap();
     store.complete(u, &w.id).await.unwrap();
     store.append(u, &event(u, "k9", 9), 4).await.unwrap();

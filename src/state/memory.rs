@@ -150,6 +150,7 @@ impl StateStore for MemoryStore {
         Ok(self.with_user(user, |s| {
             if let Some(&v) = s.applied.get(window_id) {
                 s.parked.remove(window_id);
+                s.attempts.remove(window_id);
                 return ApplyOutcome::AlreadyApplied(v);
             }
             if !s.inflight.contains_key(window_id) && !s.parked.contains_key(window_id) {
@@ -175,6 +176,7 @@ impl StateStore for MemoryStore {
                 }
             }
             s.parked.remove(window_id);
+            s.attempts.remove(window_id);
             ApplyOutcome::Applied(v)
         }))
     }

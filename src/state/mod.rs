@@ -130,7 +130,7 @@ pub trait StateStore: Send + Sync {
     /// The version `window_id` produced, if it was applied (and is still remembered).
     async fn applied_version(&self, user: &str, window_id: &str) -> Result<Option<u64>, StateError>;
 
-    /// The window's update is published: forget its claim and attempts.
+    /// The window's update is published: forget its claim (`apply` already forgot its attempts).
     async fn complete(&self, user: &str, window_id: &str) -> Result<(), StateError>;
 
     /// Count a failed attempt (e.g. invalid model output); park after `max_retries` retries.

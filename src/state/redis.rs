@@ -390,17 +390,9 @@ impl StateStore for RedisStore {
     }
 
     async fn complete(&self, user: &str, window_id: &str) -> Result<(), StateError> {
-        let mut pipe = ::redis::pipe();
-        pipe.atomic()
-            .hdel(self.key(user, "inflight"), window_id)
-            .ignore()
-            .hdel(self.key(user, "attempts"), window_id)
-            .ignore();
-        self.retry(|mut c| {
-            let pipe = pipe.clone();
-            async move { pipe.query_async::<()>(&mut c).await }
-        })
-        .await
+        // apply.lua already dropped the window's attempt count.
+        let _: i64 = self.query(::redis::cmd("HDEL").arg(self.key(user, "inflight")).arg(window_id)).await?;
+        Ok(())
     }
 
     async fn fail(
