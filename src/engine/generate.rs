@@ -159,9 +159,9 @@ impl Generator {
         let mut mask: Vec<Vec<u32>> = padded.mask_rows().map(<[u32]>::to_vec).collect();
         self.stats.prompt_tokens += prompts.iter().map(Vec::len).sum::<usize>();
 
-        let mut past = self.session.empty_cache(n)?;
         let share = self.use_cache && self.session.spec().share_buffer;
         let mut shared = if share { self.session.shared_cache(n, width + max_new)? } else { vec![] };
+        let mut past = if share { vec![] } else { self.session.empty_cache(n)? };
         let mut fed = 0; // columns already in the cache
         let mut done = vec![false; n];
         for step in 0..max_new {
@@ -179,10 +179,10 @@ impl Generator {
             self.stats.model_ms += t0.elapsed().as_secs_f64() * 1e3;
             self.stats.steps += 1;
             self.stats.bytes_copied += res.bytes_copied;
-            if self.use_cache && !share {
-                past = res.presents; // moved, never copied
-            }
             if self.use_cache {
+                if !share {
+                    past = res.presents; // moved, never copied
+                }
                 fed = seqs[0].len();
             }
             for i in 0..n {

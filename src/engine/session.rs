@@ -99,12 +99,11 @@ impl DecoderSession {
 
     /// Zero-length pasts `[batch, kv_heads, 0, head_dim]` in the graph's cache dtype.
     pub fn empty_cache(&self, batch: usize) -> Result<Vec<DynValue>> {
-        let s = &self.spec;
-        let shape = [batch as i64, s.kv_heads as i64, 0, s.head_dim as i64];
-        (0..2 * s.layers).map(|_| Ok(DynTensor::new(&Allocator::default(), s.kv_dtype, shape)?.into_dyn())).collect()
+        Ok(self.shared_cache(batch, 0)?.into_iter().map(DynTensor::into_dyn).collect())
     }
 
-    /// Buffers for `Cache::Shared`: room for `max_len` positions, allocated once per batch.
+    /// `2 * layers` cache tensors `[batch, kv_heads, max_len, head_dim]` in the graph's cache
+    /// dtype: the buffers of `Cache::Shared`, allocated once per batch.
     pub fn shared_cache(&self, batch: usize, max_len: usize) -> Result<Vec<DynTensor>> {
         let s = &self.spec;
         let shape = [batch as i64, s.kv_heads as i64, max_len as i64, s.head_dim as i64];
