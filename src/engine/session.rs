@@ -173,10 +173,12 @@ impl DecoderSession {
         let logits = out.remove("logits").ok_or_else(|| graph_err(&self.path, "logits", "missing output"))?;
         let (rows, vocab) = last_logits(&logits, b).map_err(|e| graph_err(&self.path, "logits", e))?;
         bytes += rows.len() * 4;
-        let mut presents = Vec::with_capacity(2 * spec.layers);
-        for i in (0..2 * spec.layers).filter(|_| !shared) {
-            let name = names(i).1;
-            presents.push(out.remove(name.as_str()).ok_or_else(|| graph_err(&self.path, &name, "missing output"))?);
+        let mut presents = Vec::new();
+        if !shared {
+            for i in 0..2 * spec.layers {
+                let name = names(i).1;
+                presents.push(out.remove(name.as_str()).ok_or_else(|| graph_err(&self.path, &name, "missing output"))?);
+            }
         }
         Ok(StepOutput { logits: rows, vocab, presents, bytes_copied: bytes })
     }

@@ -17,8 +17,9 @@ if prev then
 end
 -- A window whose claim is gone (the user was forgotten meanwhile) must not resurrect them.
 -- A window in flight is not parked (fail.lua moves it out), so only other windows un-park.
-local in_flight = ARGV[8] == '1' and redis.call('HEXISTS', inflight, wid) == 1
-if ARGV[8] == '1' and not in_flight and redis.call('HEXISTS', parked, wid) == 0 then
+local must_be_claimed = ARGV[8] == '1'
+local in_flight = must_be_claimed and redis.call('HEXISTS', inflight, wid) == 1
+if must_be_claimed and not in_flight and redis.call('HEXISTS', parked, wid) == 0 then
   return {'unclaimed'}
 end
 local cur = tonumber(redis.call('HGET', desc, 'version') or '0')

@@ -111,6 +111,11 @@ pub fn bar(msg: &str) -> ProgressBar {
     pb
 }
 
+/// Validation examples (up to 64, at most a tenth) and the rest for training.
+fn holdout<T>(data: &[T]) -> (&[T], &[T]) {
+    data.split_at(data.len().min(64).min(data.len() / 10))
+}
+
 fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<()> {
     std::fs::write(path, serde_json::to_string_pretty(v)?).with_context(|| format!("writing {}", path.display()))
 }
@@ -285,14 +290,14 @@ impl Run {
         let mut cfg = preset.policy.clone();
         cfg.vocab_size = tok.vocab_size();
         let data = sft::tokenize(&examples, &tok, cfg.max_positions);
-        let (valid, train) = data.split_at(data.len().min(64).min(data.len() / 10));
+        let (valid, train) = holdout(&data);
         let longest = data.iter().map(|t| t.prompt.len() + t.response.len()).max().unwrap_or(0);
         tracing::info!(examples = data.len(), dropped = examples.len() - data.len(), longest, "tokenized");
         let vars = VarMap::new();
         let model = sft::new_policy(&cfg, &vars)?;
         if preset.sft_copy_steps > 0 {
             let copy = sft::tokenize(&sft::copy_examples(&world, &mut rng), &tok, cfg.max_positions);
-            let (valid, train) = copy.split_at(copy.len().min(64).min(copy.len() / 10));
+            let (valid, train) = holdout(&copy);
             tracing::info!(examples = copy.len(), steps = preset.sft_copy_steps, "copy warm-up (one signal each)");
             let tc = TrainConfig { steps: preset.sft_copy_steps, batch: 16, lr: 2e-3, warmup: 20 };
             let pb = bar("sft copy warm-up");
