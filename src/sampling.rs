@@ -63,6 +63,30 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut impl Rng) -> u32 {
     idx[keep - 1] as u32
 }
 
+/// No-repeat n-gram constraint (`n` = 0: off). Greedy decoding of a small model loops on one
+/// phrase ("prefers X; prefers X; …") until the token budget runs out; this sets to -inf every
+/// token that would complete an n-gram already in `part`, the current part of the response
+/// (see `part_start`), so phrases quoted in the reasoning may still be repeated in the answer.
+pub fn block_repeats(logits: &mut [f32], part: &[u32], n: usize) {
+    if n == 0 || part.len() + 1 < n {
+        return;
+    }
+    let prefix = &part[part.len() + 1 - n..];
+    for w in part.windows(n) {
+        if &w[..n - 1] == prefix {
+            if let Some(v) = logits.get_mut(w[n - 1] as usize) {
+                *v = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
+/// Where the current part of `generated` begins: after the last of `breaks` (`</think>`,
+/// `<answer>`), or at 0.
+pub fn part_start(generated: &[u32], breaks: &[u32]) -> usize {
+    generated.iter().rposition(|t| breaks.contains(t)).map_or(0, |i| i + 1)
+}
+
 /// Log-probability of `token` under softmax(logits) (used for GRPO ratios).
 pub fn log_prob(logits: &[f32], token: u32) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -89,6 +113,28 @@ mod tests {
         for _ in 0..50 {
             assert_eq!(sample(&logits, &p, &mut rng), 1);
         }
+    }
+
+    #[test]
+    fn repeats_are_blocked_within_a_part_only() {
+        // "a b c a b" with n = 3: "a b" was followed by c, so c is blocked; nothing else is.
+        let mut logits = [1.0f32; 6];
+        block_repeats(&mut logits, &[0, 1, 2, 0, 1], 3);
+        assert_eq!(logits, [1.0, 1.0, f32::NEG_INFINITY, 1.0, 1.0, 1.0]);
+        // n = 1 blocks every token already used; n = 0 and short parts block nothing.
+        let mut logits = [1.0f32; 4];
+        block_repeats(&mut logits, &[3, 1], 1);
+        assert_eq!(logits, [1.0, f32::NEG_INFINITY, 1.0, f32::NEG_INFINITY]);
+        let mut logits = [1.0f32; 4];
+        block_repeats(&mut logits, &[0, 1, 2, 0, 1], 0);
+        block_repeats(&mut logits, &[0], 3);
+        assert_eq!(logits, [1.0; 4]);
+        // Out-of-vocabulary ids in the history are ignored, not a panic.
+        block_repeats(&mut logits, &[0, 9, 0], 2);
+        // The part starts after the last break token.
+        assert_eq!(part_start(&[5, 6, 7], &[9, 8]), 0);
+        assert_eq!(part_start(&[5, 9, 6, 8, 7], &[9, 8]), 4);
+        assert_eq!(part_start(&[5, 8], &[9, 8]), 2);
     }
 
     #[test]

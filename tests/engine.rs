@@ -42,8 +42,15 @@ fn tokenizer() -> TextTokenizer {
 /// A random tiny policy exported as a complete package in `dir`; returns the candle twin.
 fn package(dir: &Path) -> (Gpt, TextTokenizer) {
     let tok = tokenizer();
-    let cfg =
-        GptConfig { vocab_size: tok.vocab_size(), n_layer: 2, n_head: 4, d_model: 32, d_ff: 64, max_positions: 1024 };
+    let cfg = GptConfig {
+        vocab_size: tok.vocab_size(),
+        n_layer: 2,
+        n_head: 4,
+        d_model: 32,
+        d_ff: 64,
+        max_positions: 1024,
+        rotary: false,
+    };
     let vm = VarMap::new();
     let model = Gpt::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
     let weights = {
@@ -95,12 +102,20 @@ fn engine_matches_candle_generation() {
     let ids: Vec<Vec<u32>> = prompts.iter().map(|p| tok.encode(p)).collect();
     assert!(ids[0].len() < ids[1].len() && ids[1].len() < ids[2].len());
     println!("prompt lengths {:?}", ids.iter().map(Vec::len).collect::<Vec<_>>());
-    for (params, seed) in [(SamplingParams::GREEDY, 0), (SamplingParams::PAPER, 11)] {
-        let want = generate(&model, &tok, &ids, MAX_NEW, &params, &mut StdRng::seed_from_u64(seed)).unwrap();
+    for (params, seed, no_repeat) in
+        [(SamplingParams::GREEDY, 0, 0), (SamplingParams::PAPER, 11, 0), (SamplingParams::GREEDY, 0, 2)]
+    {
+        gen.no_repeat_ngram = no_repeat;
+        let want = generate(&model, &tok, &ids, MAX_NEW, &params, no_repeat, &mut StdRng::seed_from_u64(seed)).unwrap();
         let got = gen.generate(&prompts, &params, seed).unwrap();
         assert!(want.iter().all(|w| !w.tokens.is_empty()), "the prompts must fit the context");
         for (g, w) in got.iter().zip(&want) {
-            assert_eq!(g.tokens, w.tokens, "{params:?}");
+            assert_eq!(g.tokens, w.tokens, "{params:?} no_repeat {no_repeat}");
+            if no_repeat > 0 {
+                let bigrams: Vec<_> = w.tokens.windows(2).collect();
+                let distinct: std::collections::HashSet<_> = bigrams.iter().collect();
+                assert_eq!(distinct.len(), bigrams.len(), "a bigram repeated: {:?}", w.tokens);
+            }
             assert_eq!(g.text, w.text);
         }
     }

@@ -91,8 +91,17 @@ fn run_policy(
 
 #[test]
 fn policy_onnx_matches_candle() {
+    policy_matches(false);
+}
+
+#[test]
+fn rotary_policy_onnx_matches_candle() {
+    policy_matches(true);
+}
+
+fn policy_matches(rotary: bool) {
     let dev = Device::Cpu;
-    let cfg = GptConfig { vocab_size: 64, n_layer: 2, n_head: 4, d_model: 32, d_ff: 64, max_positions: 64 };
+    let cfg = GptConfig { vocab_size: 64, n_layer: 2, n_head: 4, d_model: 32, d_ff: 64, max_positions: 64, rotary };
     let vm = VarMap::new();
     let model = Gpt::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
     let weights = randomize(&vm);
@@ -173,7 +182,7 @@ fn cuda_on_a_cpu_library_is_an_error() {
     if ort::ep::CUDA::is_available().unwrap() {
         return; // a CUDA build: nothing to check here
     }
-    let cfg = GptConfig { vocab_size: 8, n_layer: 1, n_head: 1, d_model: 4, d_ff: 8, max_positions: 8 };
+    let cfg = GptConfig { vocab_size: 8, n_layer: 1, n_head: 1, d_model: 4, d_ff: 8, max_positions: 8, rotary: false };
     let vm = VarMap::new();
     Gpt::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
     let weights = randomize(&vm);

@@ -170,6 +170,9 @@ struct InferArgs {
     /// Overrides the package's generation.max_new_tokens.
     #[arg(long, env = "PREFSTREAM_MAX_NEW_TOKENS")]
     max_new_tokens: Option<usize>,
+    /// Overrides the package's generation.no_repeat_ngram (0 turns the constraint off).
+    #[arg(long, env = "PREFSTREAM_NO_REPEAT_NGRAM")]
+    no_repeat_ngram: Option<usize>,
     /// Signals per prompt. Longer files are read as the stream would deliver them: window by
     /// window, each valid description becoming the next window's previous one.
     #[arg(long, env = "PREFSTREAM_WINDOW", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..))]
@@ -529,6 +532,9 @@ fn infer(args: InferArgs) -> Result<()> {
         .with_context(|| format!("loading model package {}", args.model.display()))?;
     if let Some(n) = args.max_new_tokens {
         generator.max_new_tokens = n;
+    }
+    if let Some(n) = args.no_repeat_ngram {
+        generator.no_repeat_ngram = n;
     }
     let params = if args.greedy { SamplingParams::GREEDY } else { SamplingParams::PAPER };
     let started = Instant::now();

@@ -8,7 +8,7 @@ use rand::{rngs::StdRng, SeedableRng};
 use super::session::{Cache, DecoderSession, StepInput};
 use super::Result;
 use crate::padding::{pad_left, positions};
-use crate::sampling::{sample, SamplingParams};
+use crate::sampling::{block_repeats, part_start, sample, SamplingParams};
 use crate::tokenizer::TextTokenizer;
 
 /// Why a row stopped.
@@ -52,6 +52,8 @@ pub struct Generator {
     tokenizer: TextTokenizer,
     pub max_new_tokens: usize,
     pub max_positions: Option<usize>,
+    /// Never repeat an n-gram of this many tokens within a part of the response (0: off).
+    pub no_repeat_ngram: usize,
     /// Off: re-feed the whole sequence every step without a cache (reference path for benches).
     pub use_cache: bool,
     /// On: never stop early at `</answer>` / `<eos>`; every row gets `max_new_tokens` (benches
@@ -72,6 +74,7 @@ impl Generator {
             tokenizer,
             max_new_tokens,
             max_positions,
+            no_repeat_ngram: 0,
             use_cache: true,
             ignore_stop: false,
             stats: GenStats::default(),
@@ -164,6 +167,7 @@ impl Generator {
         let mut past = if share { vec![] } else { self.session.empty_cache(n)? };
         let mut fed = 0; // columns already in the cache
         let mut done = vec![false; n];
+        let mut allowed = Vec::new(); // scratch for the no-repeat constraint
         for step in 0..max_new {
             let from = if self.use_cache { fed } else { 0 };
             let ids: Vec<i64> = seqs.iter().flat_map(|r| r[from..].iter().copied()).collect();
@@ -189,7 +193,20 @@ impl Generator {
                 let t = if done[i] {
                     pad // finished rows keep stepping; their tokens are ignored
                 } else {
-                    let t = pick(i, &res.logits[i * res.vocab..(i + 1) * res.vocab]);
+                    let row = &res.logits[i * res.vocab..(i + 1) * res.vocab];
+                    let t = if self.no_repeat_ngram > 0 {
+                        allowed.clear();
+                        allowed.extend_from_slice(row);
+                        let gen = &out[i].tokens;
+                        block_repeats(
+                            &mut allowed,
+                            &gen[part_start(gen, &self.tokenizer.part_breaks)..],
+                            self.no_repeat_ngram,
+                        );
+                        pick(i, &allowed)
+                    } else {
+                        pick(i, row)
+                    };
                     out[i].tokens.push(t);
                     if !self.ignore_stop && (t == close || t == eos) {
                         done[i] = true;

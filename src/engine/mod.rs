@@ -50,6 +50,8 @@ pub struct Manifest {
     pub version: String,
     pub template: String,
     pub max_new_tokens: usize,
+    /// `generation.no_repeat_ngram` (0 or absent: off); see `sampling::block_repeats`.
+    pub no_repeat_ngram: usize,
     /// Learned-position models cannot go past this; `None` for rotary models (no limit known).
     pub max_positions: Option<usize>,
     pub model_file: String,
@@ -72,6 +74,7 @@ impl Manifest {
                 .as_u64()
                 .ok_or_else(|| bad("manifest lacks `generation.max_new_tokens`".into()))?
                 as usize,
+            no_repeat_ngram: v["generation"]["no_repeat_ngram"].as_u64().unwrap_or(0) as usize,
             max_positions: v["policy_config"]["max_positions"].as_u64().map(|n| n as usize),
             model_file: v["model"].as_str().unwrap_or("model.onnx").to_string(),
             tokenizer_file: v["tokenizer"].as_str().unwrap_or("tokenizer.json").to_string(),
@@ -89,7 +92,8 @@ pub fn load_package(dir: &Path, device: &Device) -> Result<(Manifest, Generator)
     let manifest = Manifest::load(dir)?;
     let tokenizer = TextTokenizer::load(&dir.join(&manifest.tokenizer_file))?;
     let session = DecoderSession::open(&dir.join(&manifest.model_file), device)?;
-    let generator = Generator::new(session, tokenizer, manifest.max_new_tokens, manifest.max_positions);
+    let mut generator = Generator::new(session, tokenizer, manifest.max_new_tokens, manifest.max_positions);
+    generator.no_repeat_ngram = manifest.no_repeat_ngram;
     Ok((manifest, generator))
 }
 

@@ -150,6 +150,8 @@ pub struct Policy<'a> {
     pub tok: &'a TextTokenizer,
     pub params: SamplingParams,
     pub max_new: usize,
+    /// No-repeat n-gram size (0: off).
+    pub no_repeat: usize,
     pub batch: usize,
 }
 
@@ -159,7 +161,7 @@ impl Policy<'_> {
         let mut out = Vec::with_capacity(prompts.len());
         for chunk in prompts.chunks(self.batch) {
             let ids: Vec<Vec<u32>> = chunk.iter().map(|p| self.tok.encode(p)).collect();
-            for g in generate(self.model, self.tok, &ids, self.max_new, &self.params, rng)? {
+            for g in generate(self.model, self.tok, &ids, self.max_new, &self.params, self.no_repeat, rng)? {
                 out.push(parse_output(&g.text).description);
             }
         }

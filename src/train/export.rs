@@ -12,7 +12,7 @@ use candle_core::{DType, Tensor};
 
 use crate::onnx::{Attribute, DataType, Dim, GraphBuilder};
 use crate::train::judge::JudgeConfig;
-use crate::train::model::{GptConfig, LN_EPS, MASK_VALUE};
+use crate::train::model::{GptConfig, LN_EPS, MASK_VALUE, ROPE_THETA};
 
 const FLOAT: i64 = DataType::Float as i64;
 
@@ -132,8 +132,36 @@ impl<'w> Emitter<'w> {
         self.g.node("Div", &[&num, &den], vec![])
     }
 
+    /// cos and sin `[b,1,s,hd]` for int64 `position_ids` `[b,s]`, as `model::rotary_tables`.
+    fn rotary_tables(&mut self, pos: &str, hd: usize) -> (String, String) {
+        let inv: Vec<f32> = (0..hd / 2).map(|i| ROPE_THETA.powf(-((2 * i) as f32) / hd as f32)).collect();
+        let inv = self.g.init_f32("rope.inv_freq", &[(hd / 2) as i64], &inv);
+        let p = self.g.node("Cast", &[pos], vec![Attribute::int("to", FLOAT)]);
+        let p = self.unsqueeze(&p, &[2]);
+        let angles = self.g.node("Mul", &[&p, &inv], vec![]);
+        let angles = self.g.node("Concat", &[&angles, &angles], vec![Attribute::int("axis", 2)]);
+        let angles = self.unsqueeze(&angles, &[1]);
+        (self.g.node("Cos", &[&angles], vec![]), self.g.node("Sin", &[&angles], vec![]))
+    }
+
+    /// x·cos + rotate_half(x)·sin for x `[b,h,s,hd]`.
+    fn rotate(&mut self, x: &str, hd: usize, (cos, sin): (&str, &str)) -> String {
+        let half = (hd / 2) as i64;
+        let axis = self.g.const_i64(&[3]);
+        let (zero, mid, end) = (self.g.const_i64(&[0]), self.g.const_i64(&[half]), self.g.const_i64(&[2 * half]));
+        let first = self.g.node("Slice", &[x, &zero, &mid, &axis], vec![]);
+        let second = self.g.node("Slice", &[x, &mid, &end, &axis], vec![]);
+        let second = self.g.node("Neg", &[&second], vec![]);
+        let rotated = self.g.node("Concat", &[&second, &first], vec![Attribute::int("axis", 3)]);
+        let a = self.g.node("Mul", &[x, cos], vec![]);
+        let b = self.g.node("Mul", &[&rotated, sin], vec![]);
+        self.g.node("Add", &[&a, &b], vec![])
+    }
+
     /// One pre-LN block (shared by policy and judge). `keep`/`bias` are `[b,1,s|1,total]`;
-    /// `past` are `[b,h,past,hd]` caches to prepend. Returns (x, k, v) with k/v `[b,h,total,hd]`.
+    /// `past` are `[b,h,past,hd]` caches to prepend (of rotated keys, with `rope`). Returns
+    /// (x, k, v) with k/v `[b,h,total,hd]`.
+    #[allow(clippy::too_many_arguments)]
     fn block(
         &mut self,
         x: &str,
@@ -142,6 +170,7 @@ impl<'w> Emitter<'w> {
         keep: &str,
         bias: &str,
         past: Option<(&str, &str)>,
+        rope: Option<(&str, &str)>,
     ) -> Result<(String, String, String)> {
         let (d, h, hd) = (dims.d_model, dims.n_head, dims.head_dim());
         let heads_shape = self.g.const_i64(&[0, 0, h as i64, hd as i64]);
@@ -154,9 +183,13 @@ impl<'w> Emitter<'w> {
             let y = e.g.node("Reshape", &[&y, &heads_shape], vec![]);
             Ok(e.g.node("Transpose", &[&y], to_heads.clone()))
         };
-        let q = split(self, "q")?;
+        let mut q = split(self, "q")?;
         let mut k = split(self, "k")?;
         let mut v = split(self, "v")?;
+        if let Some(tables) = rope {
+            q = self.rotate(&q, hd, tables);
+            k = self.rotate(&k, hd, tables);
+        }
         if let Some((pk, pv)) = past {
             k = self.g.node("Concat", &[pk, &k], vec![Attribute::int("axis", 2)]);
             v = self.g.node("Concat", &[pv, &v], vec![Attribute::int("axis", 2)]);
@@ -228,14 +261,20 @@ pub fn export_policy(cfg: &GptConfig, weights: &HashMap<String, Tensor>, path: &
     let bias = e.mask_bias(&keep);
 
     let wte = e.param("wte.weight", &[cfg.vocab_size, cfg.d_model])?;
-    let wpe = e.param("wpe.weight", &[cfg.max_positions, cfg.d_model])?;
-    let tok = e.embed(&wte, &ids);
-    let posv = e.embed(&wpe, &pos);
-    let mut x = e.g.node("Add", &[&tok, &posv], vec![]);
+    let mut x = e.embed(&wte, &ids);
+    let rope = if cfg.rotary {
+        Some(e.rotary_tables(&pos, cfg.head_dim()))
+    } else {
+        let wpe = e.param("wpe.weight", &[cfg.max_positions, cfg.d_model])?;
+        let posv = e.embed(&wpe, &pos);
+        x = e.g.node("Add", &[&x, &posv], vec![]);
+        None
+    };
 
     let present_shape = vec![batch.clone(), h, total, hd];
     for (i, (pk, pv)) in pasts.iter().enumerate() {
-        let (y, k, v) = e.block(&x, &format!("h.{i}"), bd, &keep, &bias, Some((pk, pv)))?;
+        let tables = rope.as_ref().map(|(c, s)| (c.as_str(), s.as_str()));
+        let (y, k, v) = e.block(&x, &format!("h.{i}"), bd, &keep, &bias, Some((pk, pv)), tables)?;
         x = y;
         for (value, kind) in [(k, "key"), (v, "value")] {
             let name = format!("present.{i}.{kind}");
@@ -282,7 +321,7 @@ pub fn export_judge(cfg: &JudgeConfig, weights: &HashMap<String, Tensor>, path: 
     let posv = e.embed(&wpe, &pos);
     let mut x = e.g.node("Add", &[&tok, &posv], vec![]);
     for i in 0..cfg.n_layer {
-        x = e.block(&x, &format!("desc.h.{i}"), bd, &keep, &bias, None)?.0;
+        x = e.block(&x, &format!("desc.h.{i}"), bd, &keep, &bias, None, None)?.0;
     }
     let x = e.layer_norm(&x, "desc.ln_f", d)?;
     let u = e.masked_mean(&x, &desc_mask);

@@ -3,7 +3,7 @@
 
 use super::batch::pad_left;
 use super::model::{positions_from_mask, Gpt, KvPair};
-use crate::sampling::{log_prob, sample, SamplingParams};
+use crate::sampling::{block_repeats, log_prob, part_start, sample, SamplingParams};
 use crate::tokenizer::TextTokenizer;
 use candle_core::{Device, Result, Tensor, D};
 use rand::Rng;
@@ -17,13 +17,15 @@ pub struct Generation {
     pub text: String,
 }
 
-/// Generate for each prompt (already tokenized) until `</answer>`, `<eos>` or `max_new` tokens.
+/// Generate for each prompt (already tokenized) until `</answer>`, `<eos>` or `max_new` tokens,
+/// never repeating an n-gram of `no_repeat` tokens within a part of the response (0: off).
 pub fn generate(
     model: &Gpt,
     tok: &TextTokenizer,
     prompts: &[Vec<u32>],
     max_new: usize,
     params: &SamplingParams,
+    no_repeat: usize,
     rng: &mut impl Rng,
 ) -> Result<Vec<Generation>> {
     let dev = Device::Cpu;
@@ -51,9 +53,19 @@ pub fn generate(
         let rows: Vec<Vec<f32>> = last.to_vec2()?;
         let mut step = Vec::with_capacity(n);
         for (i, row) in rows.iter().enumerate() {
-            let t = if done[i] { tok.pad } else { sample(row, params, rng) };
+            let t = if done[i] {
+                tok.pad
+            } else if no_repeat > 0 {
+                let mut allowed = row.clone();
+                let gen = &out[i].tokens;
+                block_repeats(&mut allowed, &gen[part_start(gen, &tok.part_breaks)..], no_repeat);
+                sample(&allowed, params, rng)
+            } else {
+                sample(row, params, rng)
+            };
             if !done[i] {
                 out[i].tokens.push(t);
+                // Under the raw logits, as `response_logprobs` recomputes them for GRPO.
                 out[i].logprobs.push(log_prob(row, t));
                 done[i] = t == tok.answer_close || t == tok.eos;
             }

@@ -26,6 +26,8 @@ pub struct GrpoConfig {
     pub clip: f64,
     pub lr: f64,
     pub max_new: usize,
+    /// No-repeat n-gram size for the rollouts, as the package will decode (0: off).
+    pub no_repeat: usize,
     /// Optimizer steps per batch of samples; after the first the ratio departs from 1 and the clip acts.
     pub minibatches: usize,
 }
@@ -106,14 +108,14 @@ pub fn train(
         }
         if !round1.is_empty() {
             let ids: Vec<Vec<u32>> = round1.iter().map(|r| tok.encode(&r.1)).collect();
-            let outs = generate(model, tok, &ids, cfg.max_new, &sampling, rng)?;
+            let outs = generate(model, tok, &ids, cfg.max_new, &sampling, cfg.no_repeat, rng)?;
             for (r, o) in round1.iter().zip(outs) {
                 prompts[r.0] = build_prompt(parse_output(&o.text).description.as_deref(), r.2.iter().copied());
             }
         }
         // G samples per prompt.
         let ids: Vec<Vec<u32>> = prompts.iter().flat_map(|p| std::iter::repeat_n(tok.encode(p), cfg.group)).collect();
-        let outs = generate(model, tok, &ids, cfg.max_new, &sampling, rng)?;
+        let outs = generate(model, tok, &ids, cfg.max_new, &sampling, cfg.no_repeat, rng)?;
         let parsed: Vec<_> = outs.iter().map(|o| parse_output(&o.text)).collect();
         let jobs: Vec<(&str, &[_])> = parsed
             .iter()

@@ -36,6 +36,7 @@ impl JudgeConfig {
             d_model: self.d_model,
             d_ff: self.d_ff,
             max_positions: self.max_positions,
+            rotary: false,
         }
     }
 }
@@ -91,7 +92,7 @@ impl Judge {
         let keep = dm.reshape((bsz, 1, 1, l))?;
         let bias = ((1.0 - &keep)? * super::model::MASK_VALUE as f64)?;
         for block in &self.blocks {
-            h = block.forward(&h, &keep, &bias, None)?.0;
+            h = block.forward(&h, &keep, &bias, None, None)?.0;
         }
         let u = self.bilinear.forward(&masked_mean(&self.ln_f.forward(&h)?, &dm)?)?;
         let score = |ids: &Tensor, mask: &Tensor| -> Result<Tensor> {

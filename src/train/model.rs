@@ -1,4 +1,4 @@
-//! The policy: a small decoder-only transformer (GPT-2 shape) in candle.
+//! The policy: a small decoder-only transformer (GPT-2 shape, or with rotary positions) in candle.
 //!
 //! The math here is mirrored op for op by `train::export` (ONNX), so any change must be made
 //! in both places; `tests/export.rs` compares the two. Training uses the slow (composed)
@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 /// Additive value for masked attention scores; finite so fully-masked rows (left padding) stay NaN-free.
 pub const MASK_VALUE: f32 = -1e9;
 pub const LN_EPS: f32 = 1e-5;
+/// Rotary base (Llama / Qwen's default).
+pub const ROPE_THETA: f32 = 10_000.0;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GptConfig {
@@ -20,12 +22,36 @@ pub struct GptConfig {
     pub d_model: usize,
     pub d_ff: usize,
     pub max_positions: usize,
+    /// Rotary position embeddings on queries and keys instead of a learned position table.
+    /// Relative positions let a copy skill learned on short prompts carry to long ones, which
+    /// absolute positions did not (docs/training.md, attempts 3–7).
+    #[serde(default)]
+    pub rotary: bool,
 }
 
 impl GptConfig {
     pub fn head_dim(&self) -> usize {
         self.d_model / self.n_head
     }
+}
+
+/// Rotary tables for `position_ids` `[b, s]`: cos and sin `[b, 1, s, head_dim]`, in the
+/// rotate-half layout (angle of pair i = position · θ^(-2i/head_dim), repeated for both halves).
+pub fn rotary_tables(position_ids: &Tensor, head_dim: usize) -> Result<(Tensor, Tensor)> {
+    let (b, s) = position_ids.dims2()?;
+    let half = head_dim / 2;
+    let inv: Vec<f32> = (0..half).map(|i| ROPE_THETA.powf(-((2 * i) as f32) / head_dim as f32)).collect();
+    let inv = Tensor::from_vec(inv, (1, 1, half), position_ids.device())?;
+    let angles = position_ids.to_dtype(DType::F32)?.reshape((b, s, 1))?.broadcast_mul(&inv)?;
+    let angles = Tensor::cat(&[&angles, &angles], 2)?.unsqueeze(1)?;
+    Ok((angles.cos()?, angles.sin()?))
+}
+
+/// x·cos + rotate_half(x)·sin, x `[b, h, s, head_dim]`.
+fn rotate(x: &Tensor, (cos, sin): (&Tensor, &Tensor)) -> Result<Tensor> {
+    let half = x.dim(3)? / 2;
+    let rotated = Tensor::cat(&[&x.narrow(3, half, half)?.neg()?, &x.narrow(3, 0, half)?], 3)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
 }
 
 /// One layer's cache: key and value, each `[batch, heads, len, head_dim]`.
@@ -77,21 +103,27 @@ impl Block {
     }
 
     /// `bias` is the additive mask `[b, 1, s, total]` (0 where allowed, MASK_VALUE elsewhere)
-    /// and `keep` its 0/1 twin; see `attention_bias`.
+    /// and `keep` its 0/1 twin; see `attention_bias`. `rope`: this step's rotary tables (the
+    /// cache holds rotated keys).
     pub(crate) fn forward(
         &self,
         x: &Tensor,
         keep: &Tensor,
         bias: &Tensor,
         past: Option<&KvPair>,
+        rope: Option<(&Tensor, &Tensor)>,
     ) -> Result<(Tensor, KvPair)> {
         let (b, s, d) = x.dims3()?;
         let hd = d / self.n_head;
         let h = self.ln1.forward(x)?;
         let split = |t: Tensor| t.reshape((b, s, self.n_head, hd))?.transpose(1, 2)?.contiguous();
-        let q = split(self.q.forward(&h)?)?;
+        let mut q = split(self.q.forward(&h)?)?;
         let mut k = split(self.k.forward(&h)?)?;
         let mut v = split(self.v.forward(&h)?)?;
+        if let Some(tables) = rope {
+            q = rotate(&q, tables)?;
+            k = rotate(&k, tables)?;
+        }
         if let Some((pk, pv)) = past {
             k = Tensor::cat(&[pk, &k], 2)?;
             v = Tensor::cat(&[pv, &v], 2)?;
@@ -109,7 +141,8 @@ impl Block {
 
 pub struct Gpt {
     wte: Embedding,
-    wpe: Embedding,
+    /// None with rotary positions.
+    wpe: Option<Embedding>,
     blocks: Vec<Block>,
     ln_f: LayerNorm,
     lm_head: Linear,
@@ -135,7 +168,7 @@ impl Gpt {
         let blocks = (0..cfg.n_layer).map(|i| Block::new(cfg, vb.pp(format!("h.{i}")))).collect::<Result<Vec<_>>>()?;
         Ok(Self {
             wte: embedding(cfg.vocab_size, cfg.d_model, vb.pp("wte"))?,
-            wpe: embedding(cfg.max_positions, cfg.d_model, vb.pp("wpe"))?,
+            wpe: if cfg.rotary { None } else { Some(embedding(cfg.max_positions, cfg.d_model, vb.pp("wpe"))?) },
             blocks,
             ln_f: LayerNorm::new(cfg.d_model, vb.pp("ln_f"))?,
             lm_head: linear_no_bias(cfg.d_model, cfg.vocab_size, vb.pp("lm_head"))?,
@@ -154,10 +187,14 @@ impl Gpt {
     ) -> Result<(Tensor, Vec<KvPair>)> {
         let (_, s) = input_ids.dims2()?;
         let (keep, bias) = attention_bias(attention_mask, s)?;
-        let mut x = (self.wte.forward(input_ids)? + self.wpe.forward(position_ids)?)?;
+        let mut x = self.wte.forward(input_ids)?;
+        if let Some(wpe) = &self.wpe {
+            x = (x + wpe.forward(position_ids)?)?;
+        }
+        let rope = if self.cfg.rotary { Some(rotary_tables(position_ids, self.cfg.head_dim())?) } else { None };
         let mut presents = Vec::with_capacity(self.blocks.len());
         for (i, block) in self.blocks.iter().enumerate() {
-            let (y, kv) = block.forward(&x, &keep, &bias, past.map(|p| &p[i]))?;
+            let (y, kv) = block.forward(&x, &keep, &bias, past.map(|p| &p[i]), rope.as_ref().map(|(c, s)| (c, s)))?;
             x = y;
             presents.push(kv);
         }
@@ -182,14 +219,20 @@ mod tests {
     use candle_nn::VarMap;
 
     pub fn tiny() -> GptConfig {
-        GptConfig { vocab_size: 50, n_layer: 2, n_head: 2, d_model: 16, d_ff: 32, max_positions: 32 }
+        GptConfig { vocab_size: 50, n_layer: 2, n_head: 2, d_model: 16, d_ff: 32, max_positions: 32, rotary: false }
     }
 
     #[test]
     fn every_parameter_gets_a_gradient() {
+        for rotary in [false, true] {
+            every_parameter_gets_a_gradient_with(&GptConfig { rotary, ..tiny() });
+        }
+    }
+
+    fn every_parameter_gets_a_gradient_with(cfg: &GptConfig) {
         let dev = Device::Cpu;
         let vm = VarMap::new();
-        let model = Gpt::new(&tiny(), VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+        let model = Gpt::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
         let ids = Tensor::new(&[[1u32, 2, 3, 4], [5, 6, 7, 0]], &dev).unwrap();
         let mask = Tensor::new(&[[1u32, 1, 1, 1], [1, 1, 1, 0]], &dev).unwrap();
         let pos = Tensor::new(&[[0u32, 1, 2, 3], [0, 1, 2, 3]], &dev).unwrap();
@@ -197,7 +240,7 @@ mod tests {
         let loss = logits.sqr().unwrap().mean_all().unwrap();
         let grads = loss.backward().unwrap();
         let vars = vm.data().lock().unwrap();
-        assert_eq!(vars.len(), 2 + 2 * 16 + 3);
+        assert_eq!(vars.len(), if cfg.rotary { 1 } else { 2 } + 2 * 16 + 3);
         for (name, var) in vars.iter() {
             let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name} has no gradient"));
             let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
@@ -207,9 +250,33 @@ mod tests {
 
     #[test]
     fn cached_forward_matches_full_forward() {
+        for rotary in [false, true] {
+            cached_forward_matches_full_forward_with(&GptConfig { rotary, ..tiny() });
+        }
+    }
+
+    /// Rotary attention scores depend only on the distance between query and key.
+    #[test]
+    fn rotary_scores_are_relative() {
+        let dev = Device::Cpu;
+        let q = Tensor::new(&[0.3f32, -1.2, 0.7, 0.5], &dev).unwrap().reshape((1, 1, 1, 4)).unwrap();
+        let k = Tensor::new(&[1.1f32, 0.4, -0.6, 0.9], &dev).unwrap().reshape((1, 1, 1, 4)).unwrap();
+        let score = |pq: u32, pk: u32| {
+            let at = |p: u32| rotary_tables(&Tensor::new(&[[p]], &dev).unwrap(), 4).unwrap();
+            let (cq, sq) = at(pq);
+            let (ck, sk) = at(pk);
+            let rq = rotate(&q, (&cq, &sq)).unwrap();
+            let rk = rotate(&k, (&ck, &sk)).unwrap();
+            (rq * rk).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap()
+        };
+        assert!((score(7, 3) - score(104, 100)).abs() < 1e-4);
+        assert!((score(7, 3) - score(7, 5)).abs() > 1e-3);
+    }
+
+    fn cached_forward_matches_full_forward_with(cfg: &GptConfig) {
         let dev = Device::Cpu;
         let vm = VarMap::new();
-        let model = Gpt::new(&tiny(), VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+        let model = Gpt::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
         let ids = Tensor::new(&[[3u32, 9, 4, 7, 11]], &dev).unwrap();
         let mask = Tensor::ones((1, 5), DType::U32, &dev).unwrap();
         let pos = Tensor::new(&[[0u32, 1, 2, 3, 4]], &dev).unwrap();

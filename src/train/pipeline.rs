@@ -48,6 +48,10 @@ pub struct Preset {
     /// Held-out users for the robustness study (12 runs of the policy each).
     pub study_users: usize,
     pub max_new_tokens: usize,
+    /// No-repeat n-gram size in every decoding (GRPO rollouts, evaluation, the package's
+    /// manifest); 0 is off.
+    #[serde(default)]
+    pub no_repeat_ngram: usize,
 }
 
 impl Preset {
@@ -66,10 +70,19 @@ impl Preset {
             grpo_steps: 20,
             grpo_prompts: 8,
             grpo_lr: 1e-4,
-            policy: GptConfig { vocab_size: 0, n_layer: 3, n_head: 4, d_model: 128, d_ff: 384, max_positions: 1536 },
+            policy: GptConfig {
+                vocab_size: 0,
+                n_layer: 3,
+                n_head: 4,
+                d_model: 128,
+                d_ff: 384,
+                max_positions: 1536,
+                rotary: false,
+            },
             eval_users: 120,
             study_users: 48,
             max_new_tokens: 160,
+            no_repeat_ngram: 0,
         }
     }
     pub fn quick() -> Self {
@@ -87,10 +100,19 @@ impl Preset {
             grpo_steps: 2,
             grpo_prompts: 2,
             grpo_lr: 5e-5,
-            policy: GptConfig { vocab_size: 0, n_layer: 1, n_head: 2, d_model: 32, d_ff: 64, max_positions: 1536 },
+            policy: GptConfig {
+                vocab_size: 0,
+                n_layer: 1,
+                n_head: 2,
+                d_model: 32,
+                d_ff: 64,
+                max_positions: 1536,
+                rotary: false,
+            },
             eval_users: 4,
             study_users: 2,
             max_new_tokens: 24,
+            no_repeat_ngram: 0,
         }
     }
 }
@@ -251,6 +273,7 @@ impl Run {
             clip: 0.2,
             lr: preset.grpo_lr,
             max_new: preset.max_new_tokens,
+            no_repeat: preset.no_repeat_ngram,
             minibatches: 2,
         };
         let pb = bar("grpo");
@@ -345,6 +368,7 @@ impl Run {
                 "temperature": SamplingParams::PAPER.temperature,
                 "top_p": SamplingParams::PAPER.top_p,
                 "top_k": SamplingParams::PAPER.top_k,
+                "no_repeat_ngram": preset.no_repeat_ngram,
                 "stop": [SPECIAL_TOKENS[5], SPECIAL_TOKENS[1]]
             },
             "policy_config": policy.cfg,
@@ -381,6 +405,7 @@ impl Run {
                 tok: &tok,
                 params: SamplingParams::GREEDY,
                 max_new: preset.max_new_tokens,
+                no_repeat: preset.no_repeat_ngram,
                 batch: 32,
             };
             for &s in settings {
