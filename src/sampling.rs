@@ -65,14 +65,15 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut impl Rng) -> u32 {
 
 /// No-repeat n-gram constraint (`n` = 0: off). Greedy decoding of a small model loops on one
 /// phrase ("prefers X; prefers X; …") until the token budget runs out; this sets to -inf every
-/// token that would complete an n-gram already in `part`, the current part of the response
-/// (see `part_start`), so phrases quoted in the reasoning may still be repeated in the answer.
-pub fn block_repeats(logits: &mut [f32], part: &[u32], n: usize) {
-    if n == 0 || part.len() + 1 < n {
+/// token that would complete an n-gram already in `answer`, the part of the response after
+/// `<answer>` (see `answer_part`). The reasoning is left alone: its summary legitimately
+/// repeats the phrases it listed per signal.
+pub fn block_repeats(logits: &mut [f32], answer: &[u32], n: usize) {
+    if n == 0 || answer.len() + 1 < n {
         return;
     }
-    let prefix = &part[part.len() + 1 - n..];
-    for w in part.windows(n) {
+    let prefix = &answer[answer.len() + 1 - n..];
+    for w in answer.windows(n) {
         if &w[..n - 1] == prefix {
             if let Some(v) = logits.get_mut(w[n - 1] as usize) {
                 *v = f32::NEG_INFINITY;
@@ -81,10 +82,12 @@ pub fn block_repeats(logits: &mut [f32], part: &[u32], n: usize) {
     }
 }
 
-/// Where the current part of `generated` begins: after the last of `breaks` (`</think>`,
-/// `<answer>`), or at 0.
-pub fn part_start(generated: &[u32], breaks: &[u32]) -> usize {
-    generated.iter().rposition(|t| breaks.contains(t)).map_or(0, |i| i + 1)
+/// The generated tokens after the last `answer_open` (`<answer>`); empty before it.
+pub fn answer_part(generated: &[u32], answer_open: Option<u32>) -> &[u32] {
+    match answer_open.and_then(|open| generated.iter().rposition(|&t| t == open)) {
+        Some(i) => &generated[i + 1..],
+        None => &[],
+    }
 }
 
 /// Log-probability of `token` under softmax(logits) (used for GRPO ratios).
@@ -116,7 +119,7 @@ mod tests {
     }
 
     #[test]
-    fn repeats_are_blocked_within_a_part_only() {
+    fn repeats_are_blocked_within_the_answer_only() {
         // "a b c a b" with n = 3: "a b" was followed by c, so c is blocked; nothing else is.
         let mut logits = [1.0f32; 6];
         block_repeats(&mut logits, &[0, 1, 2, 0, 1], 3);
@@ -131,10 +134,11 @@ mod tests {
         assert_eq!(logits, [1.0; 4]);
         // Out-of-vocabulary ids in the history are ignored, not a panic.
         block_repeats(&mut logits, &[0, 9, 0], 2);
-        // The part starts after the last break token.
-        assert_eq!(part_start(&[5, 6, 7], &[9, 8]), 0);
-        assert_eq!(part_start(&[5, 9, 6, 8, 7], &[9, 8]), 4);
-        assert_eq!(part_start(&[5, 8], &[9, 8]), 2);
+        // The answer starts after `<answer>`; before it (the reasoning) nothing is constrained.
+        assert_eq!(answer_part(&[5, 6, 7], Some(9)), &[] as &[u32]);
+        assert_eq!(answer_part(&[5, 9, 6, 7], Some(9)), &[6, 7]);
+        assert_eq!(answer_part(&[5, 9], Some(9)), &[] as &[u32]);
+        assert_eq!(answer_part(&[5, 9, 6], None), &[] as &[u32]);
     }
 
     #[test]

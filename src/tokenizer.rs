@@ -27,9 +27,8 @@ pub struct TextTokenizer {
     pub pad: u32,
     pub eos: u32,
     pub answer_close: u32,
-    /// `</think>` and `<answer>` where the vocabulary has them: where a response's part ends,
-    /// so the no-repeat constraint starts afresh in the answer.
-    pub part_breaks: Vec<u32>,
+    /// `<answer>` where the vocabulary has it: the no-repeat constraint applies after it.
+    pub answer_open: Option<u32>,
 }
 
 impl TextTokenizer {
@@ -41,8 +40,8 @@ impl TextTokenizer {
 
     fn from_tokenizer(inner: Tokenizer, name: &str) -> Result<Self, TokenizerError> {
         let id = |t: &str| inner.token_to_id(t).ok_or_else(|| TokenizerError::MissingSpecial(name.into(), t.into()));
-        let part_breaks = [THINK_CLOSE, ANSWER_OPEN].iter().filter_map(|t| inner.token_to_id(t)).collect();
-        Ok(Self { pad: id(PAD)?, eos: id(EOS)?, answer_close: id(ANSWER_CLOSE)?, part_breaks, inner })
+        let answer_open = inner.token_to_id(ANSWER_OPEN);
+        Ok(Self { pad: id(PAD)?, eos: id(EOS)?, answer_close: id(ANSWER_CLOSE)?, answer_open, inner })
     }
 
     pub fn encode(&self, text: &str) -> Vec<u32> {

@@ -8,7 +8,7 @@ use rand::{rngs::StdRng, SeedableRng};
 use super::session::{Cache, DecoderSession, StepInput};
 use super::Result;
 use crate::padding::{pad_left, positions};
-use crate::sampling::{block_repeats, part_start, sample, SamplingParams};
+use crate::sampling::{answer_part, block_repeats, sample, SamplingParams};
 use crate::tokenizer::TextTokenizer;
 
 /// Why a row stopped.
@@ -52,7 +52,7 @@ pub struct Generator {
     tokenizer: TextTokenizer,
     pub max_new_tokens: usize,
     pub max_positions: Option<usize>,
-    /// Never repeat an n-gram of this many tokens within a part of the response (0: off).
+    /// Never repeat an n-gram of this many tokens within the answer (0: off).
     pub no_repeat_ngram: usize,
     /// Off: re-feed the whole sequence every step without a cache (reference path for benches).
     pub use_cache: bool,
@@ -198,11 +198,7 @@ impl Generator {
                         allowed.clear();
                         allowed.extend_from_slice(row);
                         let gen = &out[i].tokens;
-                        block_repeats(
-                            &mut allowed,
-                            &gen[part_start(gen, &self.tokenizer.part_breaks)..],
-                            self.no_repeat_ngram,
-                        );
+                        block_repeats(&mut allowed, answer_part(gen, self.tokenizer.answer_open), self.no_repeat_ngram);
                         pick(i, &allowed)
                     } else {
                         pick(i, row)

@@ -3,7 +3,7 @@
 
 use super::batch::pad_left;
 use super::model::{positions_from_mask, Gpt, KvPair};
-use crate::sampling::{block_repeats, log_prob, part_start, sample, SamplingParams};
+use crate::sampling::{answer_part, block_repeats, log_prob, sample, SamplingParams};
 use crate::tokenizer::TextTokenizer;
 use candle_core::{Device, Result, Tensor, D};
 use rand::Rng;
@@ -18,7 +18,7 @@ pub struct Generation {
 }
 
 /// Generate for each prompt (already tokenized) until `</answer>`, `<eos>` or `max_new` tokens,
-/// never repeating an n-gram of `no_repeat` tokens within a part of the response (0: off).
+/// never repeating an n-gram of `no_repeat` tokens within the answer (0: off).
 pub fn generate(
     model: &Gpt,
     tok: &TextTokenizer,
@@ -58,7 +58,7 @@ pub fn generate(
             } else if no_repeat > 0 {
                 let mut allowed = row.clone();
                 let gen = &out[i].tokens;
-                block_repeats(&mut allowed, &gen[part_start(gen, &tok.part_breaks)..], no_repeat);
+                block_repeats(&mut allowed, answer_part(gen, tok.answer_open), no_repeat);
                 sample(&allowed, params, rng)
             } else {
                 sample(row, params, rng)

@@ -63,8 +63,8 @@ impl Preset {
             judge_steps: 6000,
             judge_layers: 0,
             judge_lr: 1e-2,
-            sft_copy_steps: 0,
-            sft_steps: 700,
+            sft_copy_steps: 800,
+            sft_steps: 550,
             sft_batch: 12,
             sft_lr: 2e-3,
             grpo_steps: 20,
@@ -77,12 +77,12 @@ impl Preset {
                 d_model: 128,
                 d_ff: 384,
                 max_positions: 1536,
-                rotary: false,
+                rotary: true,
             },
             eval_users: 120,
-            study_users: 48,
+            study_users: 36,
             max_new_tokens: 160,
-            no_repeat_ngram: 0,
+            no_repeat_ngram: 4,
         }
     }
     pub fn quick() -> Self {
@@ -107,12 +107,12 @@ impl Preset {
                 d_model: 32,
                 d_ff: 64,
                 max_positions: 1536,
-                rotary: false,
+                rotary: true,
             },
             eval_users: 4,
             study_users: 2,
             max_new_tokens: 24,
-            no_repeat_ngram: 0,
+            no_repeat_ngram: 4,
         }
     }
 }
