@@ -90,6 +90,24 @@ pub fn answer_part(generated: &[u32], answer_open: Option<u32>) -> &[u32] {
     }
 }
 
+/// The logits a row may pick from: `row` itself when the constraint is off (`n` = 0), else
+/// a copy in `scratch` with the answer's repeats blocked (`block_repeats`).
+pub fn allowed<'a>(
+    row: &'a [f32],
+    generated: &[u32],
+    answer_open: Option<u32>,
+    n: usize,
+    scratch: &'a mut Vec<f32>,
+) -> &'a [f32] {
+    if n == 0 {
+        return row;
+    }
+    scratch.clear();
+    scratch.extend_from_slice(row);
+    block_repeats(scratch, answer_part(generated, answer_open), n);
+    scratch
+}
+
 /// Log-probability of `token` under softmax(logits) (used for GRPO ratios).
 pub fn log_prob(logits: &[f32], token: u32) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);

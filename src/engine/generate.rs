@@ -8,7 +8,7 @@ use rand::{rngs::StdRng, SeedableRng};
 use super::session::{Cache, DecoderSession, StepInput};
 use super::Result;
 use crate::padding::{pad_left, positions};
-use crate::sampling::{answer_part, block_repeats, sample, SamplingParams};
+use crate::sampling::{allowed, sample, SamplingParams};
 use crate::tokenizer::TextTokenizer;
 
 /// Why a row stopped.
@@ -167,7 +167,7 @@ impl Generator {
         let mut past = if share { vec![] } else { self.session.empty_cache(n)? };
         let mut fed = 0; // columns already in the cache
         let mut done = vec![false; n];
-        let mut allowed = Vec::new(); // scratch for the no-repeat constraint
+        let mut scratch = Vec::new(); // for the no-repeat constraint
         for step in 0..max_new {
             let from = if self.use_cache { fed } else { 0 };
             let ids: Vec<i64> = seqs.iter().flat_map(|r| r[from..].iter().copied()).collect();
@@ -194,15 +194,8 @@ impl Generator {
                     pad // finished rows keep stepping; their tokens are ignored
                 } else {
                     let row = &res.logits[i * res.vocab..(i + 1) * res.vocab];
-                    let t = if self.no_repeat_ngram > 0 {
-                        allowed.clear();
-                        allowed.extend_from_slice(row);
-                        let gen = &out[i].tokens;
-                        block_repeats(&mut allowed, answer_part(gen, self.tokenizer.answer_open), self.no_repeat_ngram);
-                        pick(i, &allowed)
-                    } else {
-                        pick(i, row)
-                    };
+                    let (answer_open, n) = (self.tokenizer.answer_open, self.no_repeat_ngram);
+                    let t = pick(i, allowed(row, &out[i].tokens, answer_open, n, &mut scratch));
                     out[i].tokens.push(t);
                     if !self.ignore_stop && (t == close || t == eos) {
                         done[i] = true;

@@ -3,7 +3,7 @@
 
 use super::batch::pad_left;
 use super::model::{positions_from_mask, Gpt, KvPair};
-use crate::sampling::{answer_part, block_repeats, log_prob, sample, SamplingParams};
+use crate::sampling::{allowed, log_prob, sample, SamplingParams};
 use crate::tokenizer::TextTokenizer;
 use candle_core::{Device, Result, Tensor, D};
 use rand::Rng;
@@ -52,16 +52,12 @@ pub fn generate(
         let last = logits.narrow(1, logits.dim(1)? - 1, 1)?.squeeze(1)?;
         let rows: Vec<Vec<f32>> = last.to_vec2()?;
         let mut step = Vec::with_capacity(n);
+        let mut scratch = Vec::new(); // for the no-repeat constraint
         for (i, row) in rows.iter().enumerate() {
             let t = if done[i] {
                 tok.pad
-            } else if no_repeat > 0 {
-                let mut allowed = row.clone();
-                let gen = &out[i].tokens;
-                block_repeats(&mut allowed, answer_part(gen, tok.answer_open), no_repeat);
-                sample(&allowed, params, rng)
             } else {
-                sample(row, params, rng)
+                sample(allowed(row, &out[i].tokens, tok.answer_open, no_repeat, &mut scratch), params, rng)
             };
             if !done[i] {
                 out[i].tokens.push(t);
