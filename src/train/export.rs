@@ -12,7 +12,7 @@ use candle_core::{DType, Tensor};
 
 use crate::onnx::{Attribute, DataType, Dim, GraphBuilder};
 use crate::train::judge::JudgeConfig;
-use crate::train::model::{GptConfig, LN_EPS, MASK_VALUE, ROPE_THETA};
+use crate::train::model::{rotary_inv_freq, GptConfig, LN_EPS, MASK_VALUE};
 
 const FLOAT: i64 = DataType::Float as i64;
 
@@ -134,8 +134,7 @@ impl<'w> Emitter<'w> {
 
     /// cos and sin `[b,1,s,hd]` for int64 `position_ids` `[b,s]`, as `model::rotary_tables`.
     fn rotary_tables(&mut self, pos: &str, hd: usize) -> (String, String) {
-        let inv: Vec<f32> = (0..hd / 2).map(|i| ROPE_THETA.powf(-((2 * i) as f32) / hd as f32)).collect();
-        let inv = self.g.init_f32("rope.inv_freq", &[(hd / 2) as i64], &inv);
+        let inv = self.g.init_f32("rope.inv_freq", &[(hd / 2) as i64], &rotary_inv_freq(hd));
         let p = self.g.node("Cast", &[pos], vec![Attribute::int("to", FLOAT)]);
         let p = self.unsqueeze(&p, &[2]);
         let angles = self.g.node("Mul", &[&p, &inv], vec![]);

@@ -35,13 +35,16 @@ impl GptConfig {
     }
 }
 
+/// θ^(-2i/head_dim) for each of the head's `head_dim / 2` rotated pairs (shared with the export).
+pub fn rotary_inv_freq(head_dim: usize) -> Vec<f32> {
+    (0..head_dim / 2).map(|i| ROPE_THETA.powf(-((2 * i) as f32) / head_dim as f32)).collect()
+}
+
 /// Rotary tables for `position_ids` `[b, s]`: cos and sin `[b, 1, s, head_dim]`, in the
 /// rotate-half layout (angle of pair i = position · θ^(-2i/head_dim), repeated for both halves).
 pub fn rotary_tables(position_ids: &Tensor, head_dim: usize) -> Result<(Tensor, Tensor)> {
     let (b, s) = position_ids.dims2()?;
-    let half = head_dim / 2;
-    let inv: Vec<f32> = (0..half).map(|i| ROPE_THETA.powf(-((2 * i) as f32) / head_dim as f32)).collect();
-    let inv = Tensor::from_vec(inv, (1, 1, half), position_ids.device())?;
+    let inv = Tensor::from_vec(rotary_inv_freq(head_dim), (1, 1, head_dim / 2), position_ids.device())?;
     let angles = position_ids.to_dtype(DType::F32)?.reshape((b, s, 1))?.broadcast_mul(&inv)?;
     let angles = Tensor::cat(&[&angles, &angles], 2)?.unsqueeze(1)?;
     Ok((angles.cos()?, angles.sin()?))
