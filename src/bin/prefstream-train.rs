@@ -74,6 +74,10 @@ enum Cmd {
         /// Also the robustness (reversal, drift) and efficiency (time per update) studies.
         #[arg(long, env = "PREFSTREAM_STUDIES")]
         studies: bool,
+        /// Greedy decoding instead of the paper's inference sampling (T 0.9, top-p 0.95, top-k 10),
+        /// which `all` and the service use.
+        #[arg(long, env = "PREFSTREAM_EVAL_GREEDY")]
+        greedy: bool,
     },
     /// The whole chain from the seed.
     All {
@@ -130,7 +134,9 @@ fn main() -> Result<()> {
         Cmd::Export { out, policy } => {
             run.export_step(&out.clone().unwrap_or_else(|| cli.run.join("package")), &preset()?, policy)?
         }
-        Cmd::Eval { studies } => println!("{}", markdown(&run.eval_step(&preset()?, &SETTINGS, *studies)?)),
+        Cmd::Eval { studies, greedy } => {
+            println!("{}", markdown(&run.eval_step(&preset()?, &SETTINGS, *studies, *greedy)?))
+        }
         Cmd::All { synth, install } => {
             let p = preset()?;
             run.set_preset(&p)?;
@@ -139,7 +145,7 @@ fn main() -> Result<()> {
             run.judge_step(&p)?;
             run.sft_step(&p)?;
             run.grpo_step(&p)?;
-            let rows = run.eval_step(&p, &SETTINGS, true)?;
+            let rows = run.eval_step(&p, &SETTINGS, true, false)?;
             println!("{}", markdown(&rows));
             let package = cli.run.join("package");
             run.export_step(&package, &p, run.best_policy(&rows))?;

@@ -4,6 +4,7 @@
 //! form scores description × response. Trained on golden descriptions (and subsets of them).
 //! The post is not an input: in our data the preference never depends on it.
 
+use super::attention::AttnMask;
 use super::batch::{pad_right, Batch};
 use super::model::{Block, GptConfig, LayerNorm};
 use super::synth::{any_surface, describe_surfaces, make_pair, random_prefs, utility, Pair};
@@ -89,10 +90,9 @@ impl Judge {
         let pos = Tensor::arange(0u32, l as u32, desc.device())?.unsqueeze(0)?.broadcast_as((bsz, l))?.contiguous()?;
         let mut h = (self.wte.forward(desc)? + self.wpe.forward(&pos)?)?;
         // No causal mask: every description token may read every other (non-padding) one.
-        let keep = dm.reshape((bsz, 1, 1, l))?;
-        let bias = ((1.0 - &keep)? * super::model::MASK_VALUE as f64)?;
+        let mask = AttnMask::new(desc_mask, l, false)?;
         for block in &self.blocks {
-            h = block.forward(&h, &keep, &bias, None, None)?.0;
+            h = block.forward(&h, &mask, None, None)?.0;
         }
         let u = self.bilinear.forward(&masked_mean(&self.ln_f.forward(&h)?, &dm)?)?;
         let score = |ids: &Tensor, mask: &Tensor| -> Result<Tensor> {

@@ -1,6 +1,7 @@
 //! The model toolchain behind `prefstream-train`.
 
 pub mod alignx;
+pub mod attention;
 pub mod batch;
 pub mod curves;
 pub mod dims;

@@ -4,7 +4,8 @@
 //! in both places; `tests/export.rs` compares the two. Training uses the slow (composed)
 //! layer norm and softmax because candle's fused kernels have no backward (FACTS.md).
 
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use super::attention::AttnMask;
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{embedding, linear, linear_no_bias, Embedding, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
@@ -105,14 +106,12 @@ impl Block {
         })
     }
 
-    /// `bias` is the additive mask `[b, 1, s, total]` (0 where allowed, MASK_VALUE elsewhere)
-    /// and `keep` its 0/1 twin; see `attention_bias`. `rope`: this step's rotary tables (the
-    /// cache holds rotated keys).
+    /// `mask`: which keys each query may read. `rope`: this step's rotary tables (the cache
+    /// holds rotated keys).
     pub(crate) fn forward(
         &self,
         x: &Tensor,
-        keep: &Tensor,
-        bias: &Tensor,
+        mask: &AttnMask,
         past: Option<&KvPair>,
         rope: Option<(&Tensor, &Tensor)>,
     ) -> Result<(Tensor, KvPair)> {
@@ -131,9 +130,8 @@ impl Block {
             k = Tensor::cat(&[pk, &k], 2)?;
             v = Tensor::cat(&[pv, &v], 2)?;
         }
-        let scores = (q.matmul(&k.transpose(2, 3)?.contiguous()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let scores = scores.broadcast_mul(keep)?.broadcast_add(bias)?;
-        let p = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let scores = q.matmul(&k.transpose(2, 3)?.contiguous()?)?;
+        let p = mask.softmax(&scores, 1.0 / (hd as f32).sqrt())?;
         let a = p.matmul(&v)?.transpose(1, 2)?.reshape((b, s, d))?;
         let x = (x + self.o.forward(&a)?)?;
         let h = self.ln2.forward(&x)?;
@@ -150,20 +148,6 @@ pub struct Gpt {
     ln_f: LayerNorm,
     lm_head: Linear,
     pub cfg: GptConfig,
-}
-
-/// Keep mask `[b,1,s,total]` (1 = query i may read key j: j is not padding and j <= past + i)
-/// and the matching additive bias (0 or MASK_VALUE).
-pub fn attention_bias(attention_mask: &Tensor, s: usize) -> Result<(Tensor, Tensor)> {
-    let (b, total) = attention_mask.dims2()?;
-    let past = total - s;
-    let causal: Vec<f32> =
-        (0..s).flat_map(|i| (0..total).map(move |j| if j <= past + i { 1.0 } else { 0.0 })).collect();
-    let causal = Tensor::from_vec(causal, (1, 1, s, total), attention_mask.device())?;
-    let pad = attention_mask.to_dtype(DType::F32)?.reshape((b, 1, 1, total))?;
-    let keep = causal.broadcast_mul(&pad)?;
-    let bias = ((1.0 - &keep)? * MASK_VALUE as f64)?;
-    Ok((keep, bias))
 }
 
 impl Gpt {
@@ -188,8 +172,27 @@ impl Gpt {
         position_ids: &Tensor,
         past: Option<&[KvPair]>,
     ) -> Result<(Tensor, Vec<KvPair>)> {
+        let (h, presents) = self.hidden(input_ids, attention_mask, position_ids, past)?;
+        Ok((self.logits(&h)?, presents))
+    }
+
+    /// Logits of final hidden states (`[.., d_model]` → `[.., vocab]`).
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(hidden)
+    }
+
+    /// `forward` without the vocabulary projection: the final (normed) hidden states `[b, s, d]`.
+    /// Losses that score a few positions project only those; the projection to 2,048 tokens
+    /// is the largest matmul of a step.
+    pub fn hidden(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        position_ids: &Tensor,
+        past: Option<&[KvPair]>,
+    ) -> Result<(Tensor, Vec<KvPair>)> {
         let (_, s) = input_ids.dims2()?;
-        let (keep, bias) = attention_bias(attention_mask, s)?;
+        let mask = AttnMask::new(attention_mask, s, true)?;
         let mut x = self.wte.forward(input_ids)?;
         if let Some(wpe) = &self.wpe {
             x = (x + wpe.forward(position_ids)?)?;
@@ -197,12 +200,11 @@ impl Gpt {
         let rope = if self.cfg.rotary { Some(rotary_tables(position_ids, self.cfg.head_dim())?) } else { None };
         let mut presents = Vec::with_capacity(self.blocks.len());
         for (i, block) in self.blocks.iter().enumerate() {
-            let (y, kv) = block.forward(&x, &keep, &bias, past.map(|p| &p[i]), rope.as_ref().map(|(c, s)| (c, s)))?;
+            let (y, kv) = block.forward(&x, &mask, past.map(|p| &p[i]), rope.as_ref().map(|(c, s)| (c, s)))?;
             x = y;
             presents.push(kv);
         }
-        let logits = self.lm_head.forward(&self.ln_f.forward(&x)?)?;
-        Ok((logits, presents))
+        Ok((self.ln_f.forward(&x)?, presents))
     }
 
     /// An empty cache (zero-length pasts), as the first generation step of the ONNX convention feeds.

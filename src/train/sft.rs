@@ -181,32 +181,32 @@ fn batches(data: &[Tokenized], batch: usize, rng: &mut impl Rng) -> Vec<Vec<usiz
 }
 
 /// Cross-entropy on response tokens only, each sequence's loss normalised by its length.
+/// Only the response positions go through the vocabulary projection.
 pub fn sft_loss(model: &Gpt, items: &[&Tokenized], pad: u32) -> candle_core::Result<Tensor> {
     let dev = Device::Cpu;
     let inputs: Vec<Vec<u32>> = items.iter().map(|t| t.prompt.iter().chain(&t.response).copied().collect()).collect();
     let b = pad_right(&inputs, pad);
     let len = b.len - 1;
     let mut x = Vec::with_capacity(b.rows * len);
-    let mut y = Vec::with_capacity(b.rows * len);
-    let mut w = Vec::with_capacity(b.rows * len);
+    let (mut at, mut y, mut w) = (Vec::new(), Vec::new(), Vec::new());
     for (r, t) in items.iter().enumerate() {
         let row = &b.ids[r * b.len..(r + 1) * b.len];
         x.extend_from_slice(&row[..len]);
-        y.extend_from_slice(&row[1..]);
         let start = t.prompt.len() - 1; // position predicting the first response token
-        let weight = 1.0 / (t.response.len() * items.len()) as f32;
-        w.extend((0..len).map(|j| if j >= start && j < start + t.response.len() { weight } else { 0.0 }));
+        at.extend((start..start + t.response.len()).map(|j| (r * len + j) as u32));
+        y.extend_from_slice(&t.response);
+        w.extend(std::iter::repeat_n(1.0 / (t.response.len() * items.len()) as f32, t.response.len()));
     }
     let mask: Vec<u32> = b.mask.chunks(b.len).flat_map(|r| r[..len].to_vec()).collect();
     let x = Tensor::from_vec(x, (b.rows, len), &dev)?;
     let mask = Tensor::from_vec(mask, (b.rows, len), &dev)?;
     let pos = Tensor::arange(0u32, len as u32, &dev)?.unsqueeze(0)?.broadcast_as((b.rows, len))?.contiguous()?;
-    let (logits, _) = model.forward(&x, &mask, &pos, None)?;
-    let logp = candle_nn::ops::log_softmax(&logits.reshape((b.rows * len, ()))?, D::Minus1)?;
-    let y = Tensor::from_vec(y, (b.rows * len, 1), &dev)?;
-    let picked = logp.gather(&y, 1)?.squeeze(1)?;
-    let w = Tensor::from_vec(w, b.rows * len, &dev)?;
-    (picked * w)?.sum_all()?.neg()
+    let (h, _) = model.hidden(&x, &mask, &pos, None)?;
+    let n = at.len();
+    let h = h.reshape((b.rows * len, ()))?.index_select(&Tensor::from_vec(at, n, &dev)?, 0)?;
+    let logp = candle_nn::ops::log_softmax(&model.logits(&h)?, D::Minus1)?;
+    let picked = logp.gather(&Tensor::from_vec(y, (n, 1), &dev)?, 1)?.squeeze(1)?;
+    (picked * Tensor::from_vec(w, n, &dev)?)?.sum_all()?.neg()
 }
 
 #[allow(clippy::too_many_arguments)]
