@@ -460,7 +460,7 @@ fn studies_markdown(robust: &[RobustRow], timing: &[serde_json::Value]) -> Strin
     }
     for t in timing {
         s.push_str(&format!(
-            "\n{} — time per update (ms, batch 1, greedy)\n\n| round | signals seen | streaming | base | streaming prompt tokens | base prompt tokens |\n|---:|---:|---:|---:|---:|---:|\n",
+            "\n{} — time per update (ms, batch 1, decoding as in the table above)\n\n| round | signals seen | streaming | base | streaming prompt tokens | base prompt tokens |\n|---:|---:|---:|---:|---:|---:|\n",
             t["method"].as_str().unwrap_or("")
         ));
         let rows: Vec<EfficiencyRow> = serde_json::from_value(t["rounds"].clone()).unwrap_or_default();
