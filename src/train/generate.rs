@@ -5,7 +5,7 @@ use super::batch::pad_left;
 use super::model::{positions_from_mask, Gpt, KvPair};
 use crate::sampling::{allowed, log_prob, sample, SamplingParams};
 use crate::tokenizer::TextTokenizer;
-use candle_core::{Device, Result, Tensor, D};
+use candle_core::{Device, Result, Tensor};
 use rand::Rng;
 
 #[derive(Debug, Clone)]
@@ -52,8 +52,7 @@ pub fn generate(
         return Ok(out);
     }
     for _ in 0..max_new {
-        let last = logits.narrow(1, logits.dim(1)? - 1, 1)?.squeeze(1)?;
-        let rows: Vec<Vec<f32>> = last.to_vec2()?;
+        let rows: Vec<Vec<f32>> = logits.squeeze(1)?.to_vec2()?; // one position per row
         let mut step = Vec::with_capacity(n);
         let mut scratch = Vec::new(); // for the no-repeat constraint
         for (i, row) in rows.iter().enumerate() {
@@ -123,9 +122,6 @@ pub fn response_logprobs(model: &Gpt, seqs: &[(Vec<u32>, Vec<u32>)], pad: u32) -
             rmask.push(m);
         }
     }
-    // Project only the positions that predict response tokens.
-    let rows = h.reshape((batch.rows * batch.len, ()))?.index_select(&Tensor::new(idx, &dev)?, 0)?;
-    let logp = candle_nn::ops::log_softmax(&model.logits(&rows)?, D::Minus1)?;
-    let picked = logp.gather(&Tensor::new(tgt, &dev)?.unsqueeze(1)?, 1)?.squeeze(1)?;
+    let picked = model.target_logprobs(&h, idx, tgt)?;
     Ok((picked.reshape((seqs.len(), max_r))?, Tensor::from_vec(rmask, (seqs.len(), max_r), &dev)?))
 }

@@ -2,10 +2,11 @@
 //!
 //! The math here is mirrored op for op by `train::export` (ONNX), so any change must be made
 //! in both places; `tests/export.rs` compares the two. Training uses the slow (composed)
-//! layer norm and softmax because candle's fused kernels have no backward (FACTS.md).
+//! layer norm because candle's fused kernels have no backward (FACTS.md); the attention softmax
+//! is our own fused op with a backward (`train::attention`).
 
 use super::attention::AttnMask;
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{embedding, linear, linear_no_bias, Embedding, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
@@ -179,6 +180,17 @@ impl Gpt {
     /// Logits of final hidden states (`[.., d_model]` → `[.., vocab]`).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         self.lm_head.forward(hidden)
+    }
+
+    /// log p(target) at each of the flat positions `at` of `hidden` `[b, s, d]` (row-major
+    /// `b * s + j`), projecting only those positions onto the vocabulary. Returns `[at.len()]`.
+    pub fn target_logprobs(&self, hidden: &Tensor, at: Vec<u32>, targets: Vec<u32>) -> Result<Tensor> {
+        let (b, s, d) = hidden.dims3()?;
+        let n = at.len();
+        let dev = hidden.device();
+        let rows = hidden.reshape((b * s, d))?.index_select(&Tensor::from_vec(at, n, dev)?, 0)?;
+        let logp = candle_nn::ops::log_softmax(&self.logits(&rows)?, D::Minus1)?;
+        logp.gather(&Tensor::from_vec(targets, (n, 1), dev)?, 1)?.squeeze(1)
     }
 
     /// `forward` without the vocabulary projection: the final (normed) hidden states `[b, s, d]`.

@@ -10,7 +10,7 @@ use super::teacher::{observe, teach, Signal, Stated};
 use crate::event::Event;
 use crate::prompt::{build_prompt, build_response};
 use crate::tokenizer::TextTokenizer;
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -202,11 +202,8 @@ pub fn sft_loss(model: &Gpt, items: &[&Tokenized], pad: u32) -> candle_core::Res
     let mask = Tensor::from_vec(mask, (b.rows, len), &dev)?;
     let pos = Tensor::arange(0u32, len as u32, &dev)?.unsqueeze(0)?.broadcast_as((b.rows, len))?.contiguous()?;
     let (h, _) = model.hidden(&x, &mask, &pos, None)?;
-    let n = at.len();
-    let h = h.reshape((b.rows * len, ()))?.index_select(&Tensor::from_vec(at, n, &dev)?, 0)?;
-    let logp = candle_nn::ops::log_softmax(&model.logits(&h)?, D::Minus1)?;
-    let picked = logp.gather(&Tensor::from_vec(y, (n, 1), &dev)?, 1)?.squeeze(1)?;
-    (picked * Tensor::from_vec(w, n, &dev)?)?.sum_all()?.neg()
+    let n = w.len();
+    (model.target_logprobs(&h, at, y)? * Tensor::from_vec(w, n, &dev)?)?.sum_all()?.neg()
 }
 
 #[allow(clippy::too_many_arguments)]
