@@ -5,8 +5,13 @@ use std::path::Path;
 use std::process::Command;
 
 fn train(run: &Path, args: &[&str]) -> std::process::Output {
+    train_with_preset(run, &["--quick"].iter().chain(args).copied().collect::<Vec<_>>())
+}
+
+/// Without `--quick`: the steps read the run's `preset.json`.
+fn train_with_preset(run: &Path, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_prefstream-train"))
-        .args(["--run", run.to_str().unwrap(), "--quick"])
+        .args(["--run", run.to_str().unwrap()])
         .args(args)
         .output()
         .expect("runs prefstream-train")
@@ -50,6 +55,20 @@ fn quick_chain_builds_a_complete_package() {
         assert!(!eval[key].as_array().unwrap().is_empty(), "{key} study missing");
     }
     assert!(run.join("grpo_curve.csv").exists() && run.join("efficiency.png").exists());
+
+    // The prompt-only teacher: SFT again from the saved copy warm-up, and its rule's own
+    // descriptions appear in the evaluation as a ceiling.
+    let preset_path = run.join("preset.json");
+    let mut preset: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&preset_path).unwrap()).unwrap();
+    preset["teacher_cap"] = 4.into();
+    std::fs::write(&preset_path, preset.to_string()).unwrap();
+    assert!(run.join("policy_copy.safetensors").exists());
+    let out = train_with_preset(&run, &["sft", "--from-copy"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = train_with_preset(&run, &["eval"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let md = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(md.matches("| Teacher rule (last 4 poles shown) |").count(), 3, "{md}");
 }
 
 #[test]

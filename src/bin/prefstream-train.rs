@@ -57,7 +57,12 @@ enum Cmd {
     /// Train the judge R on golden descriptions and report Acc_jud (golden / null).
     Judge,
     /// Cold start: teacher candidates filtered by the judge, then SFT of the policy.
-    Sft,
+    Sft {
+        /// Start from the run's saved copy warm-up (policy_copy.safetensors) instead of
+        /// training it again.
+        #[arg(long, env = "PREFSTREAM_FROM_COPY")]
+        from_copy: bool,
+    },
     /// Stage 2: GRPO from the SFT checkpoint with the judge reward.
     Grpo,
     /// Export the policy and judge to ONNX with tokenizer and manifest.
@@ -129,7 +134,7 @@ fn main() -> Result<()> {
         Cmd::Judge => {
             run.judge_step(&preset()?)?;
         }
-        Cmd::Sft => run.sft_step(&preset()?)?,
+        Cmd::Sft { from_copy } => run.sft_step(&preset()?, *from_copy)?,
         Cmd::Grpo => run.grpo_step(&preset()?)?,
         Cmd::Export { out, policy } => {
             run.export_step(&out.clone().unwrap_or_else(|| cli.run.join("package")), &preset()?, policy)?
@@ -143,7 +148,7 @@ fn main() -> Result<()> {
             run.synth(&synth_cfg(synth, &p, cli.seed), synth.alignx.as_deref())?;
             run.tokenizer_step(p.vocab)?;
             run.judge_step(&p)?;
-            run.sft_step(&p)?;
+            run.sft_step(&p, false)?;
             run.grpo_step(&p)?;
             let rows = run.eval_step(&p, &SETTINGS, true, false)?;
             println!("{}", markdown(&rows));

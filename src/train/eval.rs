@@ -6,7 +6,8 @@ use super::generate::generate;
 use super::judge::{mean, Scorer};
 use super::model::Gpt;
 use super::sft::user_windows;
-use super::synth::{render_ugc, Annotation, Pref, Split, UserRecord, World};
+use super::synth::{describe_surfaces, render_ugc, Annotation, Pref, Split, UserRecord, World};
+use super::teacher::conclude_shown;
 use crate::event::EventBody;
 use crate::prompt::{build_prompt, parse_output, NOT_PROVIDED};
 use crate::sampling::SamplingParams;
@@ -142,6 +143,48 @@ pub fn reference_rows(scorer: &Scorer, users: &[EvalUser]) -> anyhow::Result<Vec
             })
         })
         .collect()
+}
+
+/// The prompt-only teacher rule (`teacher::conclude_shown`) as a description, in each setting:
+/// the ceiling of a student that imitates it perfectly. No policy is involved.
+pub fn teacher_rule_rows(
+    scorer: &Scorer,
+    users: &[EvalUser],
+    settings: &[Setting],
+    cap: usize,
+    rng: &mut impl Rng,
+) -> anyhow::Result<Vec<EvalRow>> {
+    let mut rows = Vec::new();
+    for &s in settings {
+        let descs: Vec<Option<String>> = users
+            .iter()
+            .map(|u| {
+                let prefs = match s {
+                    Setting::Base4 => conclude_shown(&[], &signals(u, 0, 4), cap),
+                    Setting::Base8 => conclude_shown(&[], &signals(u, 0, 8), cap),
+                    Setting::Stream44 => {
+                        conclude_shown(&conclude_shown(&[], &signals(u, 0, 4), cap), &signals(u, 4, 8), cap)
+                    }
+                };
+                let words: Vec<&str> = prefs.iter().map(|p| p.1.as_str()).collect();
+                Some(describe_surfaces(&words, rng))
+            })
+            .collect();
+        let (acc, pairs) = score_descriptions(scorer, users, &descs)?;
+        rows.push(EvalRow {
+            method: format!("Teacher rule (last {cap} poles shown)"),
+            setting: s.name().into(),
+            acc_jud: acc,
+            format_rate: 1.0,
+            users: users.len(),
+            pairs,
+        });
+    }
+    Ok(rows)
+}
+
+fn signals(u: &EvalUser, from: usize, to: usize) -> Vec<(&EventBody, &Annotation)> {
+    u.signals[from..to].iter().map(|s| (&s.0, &s.1)).collect()
 }
 
 /// Generation settings shared by the studies.

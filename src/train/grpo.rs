@@ -9,7 +9,7 @@ use super::generate::{generate, response_logprobs};
 use super::judge::{mean, Scorer};
 use super::model::Gpt;
 use super::sft::user_windows;
-use super::synth::{Split, UserRecord, World};
+use super::synth::{make_pair, Pair, Split, UserRecord, World};
 use crate::prompt::{build_prompt, parse_output};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::TextTokenizer;
@@ -30,6 +30,10 @@ pub struct GrpoConfig {
     pub no_repeat: usize,
     /// Optimizer steps per batch of samples; after the first the ratio departs from 1 and the clip acts.
     pub minibatches: usize,
+    /// Fresh noise-free pairs drawn from each user's preferences for its reward (0, or a user
+    /// without known preferences: the user's held-out pairs). R_jud over 8 pairs moves in
+    /// steps of 1/8, so a group's differences were mostly the pairs' noise.
+    pub reward_pairs: usize,
 }
 
 /// Group-normalised advantages: (r − mean) / std, all zero where the group's rewards are equal.
@@ -117,10 +121,18 @@ pub fn train(
         let ids: Vec<Vec<u32>> = prompts.iter().flat_map(|p| std::iter::repeat_n(tok.encode(p), cfg.group)).collect();
         let outs = generate(model, tok, &ids, cfg.max_new, &sampling, cfg.no_repeat, rng)?;
         let parsed: Vec<_> = outs.iter().map(|o| parse_output(&o.text)).collect();
+        let pairs: Vec<Vec<Pair>> = picked
+            .iter()
+            .map(|u| match cfg.reward_pairs {
+                // imported data has no known preferences to draw pairs from
+                k if k > 0 && !u.prefs.is_empty() => (0..k).map(|_| make_pair(&u.prefs, None, rng).0).collect(),
+                _ => u.test_pairs.clone(),
+            })
+            .collect();
         let jobs: Vec<(&str, &[_])> = parsed
             .iter()
             .enumerate()
-            .map(|(i, p)| (p.description.as_deref().unwrap_or(""), picked[i / cfg.group].test_pairs.as_slice()))
+            .map(|(i, p)| (p.description.as_deref().unwrap_or(""), pairs[i / cfg.group].as_slice()))
             .collect();
         let scores = scorer.many_pair_scores(&jobs)?;
         let rollouts: Vec<Rollout> = outs

@@ -2,13 +2,14 @@
 //! step can be rerun alone and `all` is just their sequence.
 
 use super::eval::{
-    efficiency, eval_policy, markdown, reference_rows, robustness, test_users, EfficiencyRow, EvalRow, Policy,
-    RobustRow, Setting,
+    efficiency, eval_policy, markdown, reference_rows, robustness, teacher_rule_rows, test_users, EfficiencyRow,
+    EvalRow, Policy, RobustRow, Setting,
 };
 use super::judge::{train_judge, Judge, JudgeConfig, Scorer};
 use super::model::{Gpt, GptConfig};
 use super::sft::{self, TrainConfig};
 use super::synth::{self, SynthConfig, World};
+use super::teacher;
 use crate::prompt::{build_prompt, build_response, TEMPLATE_ID};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::{TextTokenizer, SPECIAL_TOKENS};
@@ -38,11 +39,18 @@ pub struct Preset {
     #[serde(default)]
     pub sft_copy_steps: usize,
     pub sft_steps: usize,
+    /// The cold-start teacher's rule: 0 concludes from the user's key dimensions (the paper's
+    /// teacher); n > 0 from the prompt alone, keeping the last n poles shown (`conclude_shown`).
+    #[serde(default)]
+    pub teacher_cap: usize,
     pub sft_batch: usize,
     pub sft_lr: f64,
     pub grpo_steps: usize,
     pub grpo_prompts: usize,
     pub grpo_lr: f64,
+    /// Fresh pairs per GRPO reward (0: the user's 8 held-out pairs).
+    #[serde(default)]
+    pub grpo_reward_pairs: usize,
     pub policy: GptConfig,
     pub eval_users: usize,
     /// Held-out users for the robustness study (12 runs of the policy each).
@@ -57,7 +65,8 @@ pub struct Preset {
 impl Preset {
     /// The preset of the shipped package: rotary positions, a 1,200-step copy warm-up, and a
     /// 256-token response budget (round 2's reasoning restates the previous description, and
-    /// 160 tokens truncated 13% of streaming outputs; docs/training.md, attempt 8).
+    /// 160 tokens truncated 13% of streaming outputs; docs/training.md, attempt 8). 1,000 SFT
+    /// steps scored as well as 1,400 and keep `all` within an hour on two cores (attempt 9).
     pub fn full() -> Self {
         Self {
             users: 1200,
@@ -67,12 +76,14 @@ impl Preset {
             judge_layers: 0,
             judge_lr: 1e-2,
             sft_copy_steps: 1200,
-            sft_steps: 1400,
+            sft_steps: 1000,
+            teacher_cap: 0,
             sft_batch: 12,
             sft_lr: 2e-3,
             grpo_steps: 20,
             grpo_prompts: 8,
             grpo_lr: 1e-4,
+            grpo_reward_pairs: 32,
             policy: GptConfig {
                 vocab_size: 0,
                 n_layer: 3,
@@ -98,11 +109,13 @@ impl Preset {
             judge_lr: 1e-2,
             sft_copy_steps: 4,
             sft_steps: 8,
+            teacher_cap: 0,
             sft_batch: 8,
             sft_lr: 2e-3,
             grpo_steps: 2,
             grpo_prompts: 2,
             grpo_lr: 5e-5,
+            grpo_reward_pairs: 4,
             policy: GptConfig {
                 vocab_size: 0,
                 n_layer: 1,
@@ -203,7 +216,7 @@ impl Run {
             if let Some(ws) = windows.get(u.user_id.as_str()) {
                 for w in ws.iter().take(2) {
                     let signals: Vec<_> = w.iter().map(|x| (&x.0.body, x.1)).collect();
-                    let c = &super::teacher::teach(u, &[], &signals, 1, 0.0, &mut rng)[0];
+                    let c = &teacher::teach(u, &[], &signals, teacher::Rule::KeyDims, 1, 0.0, &mut rng)[0];
                     texts.push(build_prompt(Some(&u.golden), w.iter().map(|x| &x.0.body)));
                     texts.push(build_response(&c.reasoning, &c.description));
                 }
@@ -278,6 +291,7 @@ impl Run {
             max_new: preset.max_new_tokens,
             no_repeat: preset.no_repeat_ngram,
             minibatches: 2,
+            reward_pairs: preset.grpo_reward_pairs,
         };
         let pb = bar("grpo");
         let curves = super::grpo::train(&policy, &vars, &tok, &scorer, &world, &cfg, &mut self.rng(5), &pb)?;
@@ -297,14 +311,20 @@ impl Run {
         }
     }
 
-    pub fn sft_step(&self, preset: &Preset) -> Result<()> {
+    /// Cold start. `from_copy` starts from the saved copy warm-up (`policy_copy.safetensors`)
+    /// instead of training it again — for experiments on the SFT stage alone.
+    pub fn sft_step(&self, preset: &Preset, from_copy: bool) -> Result<()> {
         let world = self.world()?;
         let tok = self.tokenizer()?;
         let (judge, _) = self.load_judge()?;
         let scorer = Scorer { judge: &judge, tok: &tok, device: Device::Cpu };
         let mut rng = self.rng(3);
         let pb = bar("teacher");
-        let (examples, stats) = sft::build_examples(&world, &scorer, 4, 0.6, &mut rng, &pb)?;
+        let rule = match preset.teacher_cap {
+            0 => teacher::Rule::KeyDims,
+            cap => teacher::Rule::Shown { cap },
+        };
+        let (examples, stats) = sft::build_examples(&world, &scorer, rule, 4, 0.6, &mut rng, &pb)?;
         pb.finish();
         tracing::info!(?stats, "cold-start data filtered by R_jud");
         write_json(&self.path("sft_filter.json"), &stats)?;
@@ -319,9 +339,11 @@ impl Run {
         let (valid, train) = holdout(&data);
         let longest = data.iter().map(|t| t.prompt.len() + t.response.len()).max().unwrap_or(0);
         tracing::info!(examples = data.len(), dropped = examples.len() - data.len(), longest, "tokenized");
-        let vars = VarMap::new();
+        let mut vars = VarMap::new();
         let model = sft::new_policy(&cfg, &vars)?;
-        if preset.sft_copy_steps > 0 {
+        if from_copy {
+            vars.load(self.path("policy_copy.safetensors")).context("loading policy_copy.safetensors")?;
+        } else if preset.sft_copy_steps > 0 {
             let copy = sft::tokenize(&sft::copy_examples(&world, &mut rng), &tok, cfg.max_positions);
             let (valid, train) = holdout(&copy);
             tracing::info!(examples = copy.len(), steps = preset.sft_copy_steps, "copy warm-up (one signal each)");
@@ -330,6 +352,7 @@ impl Run {
             let curves = sft::train(&model, &vars, train, valid, &tc, tok.pad, &mut rng, &pb)?;
             pb.finish();
             curves.write(&self.dir, "sft_copy_curve")?;
+            vars.save(self.path("policy_copy.safetensors"))?;
         }
         let tc = TrainConfig {
             steps: preset.sft_steps,
@@ -401,6 +424,9 @@ impl Run {
         let users = test_users(&world, preset.eval_users);
         let mut rows = reference_rows(&scorer, &users)?;
         let mut rng = self.rng(4);
+        if preset.teacher_cap > 0 {
+            rows.extend(teacher_rule_rows(&scorer, &users, settings, preset.teacher_cap, &mut rng)?);
+        }
         let methods: Vec<(&str, &str)> = [("SFT", "policy"), ("SFT+GRPO", "policy_grpo")]
             .into_iter()
             .filter(|m| self.path(&format!("{}.safetensors", m.1)).exists())

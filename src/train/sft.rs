@@ -6,7 +6,7 @@ use super::curves::Curves;
 use super::judge::{mean, Scorer};
 use super::model::{Gpt, GptConfig};
 use super::synth::{Annotation, Split, UserRecord, World};
-use super::teacher::{observe, teach, Signal, Stated};
+use super::teacher::{observe, teach, Rule, Signal, Stated};
 use crate::event::Event;
 use crate::prompt::{build_prompt, build_response};
 use crate::tokenizer::TextTokenizer;
@@ -54,6 +54,7 @@ fn annotated(world: &World) -> impl Iterator<Item = (&Event, &Annotation)> {
 pub fn build_examples(
     world: &World,
     scorer: &Scorer,
+    rule: Rule,
     g: usize,
     error_rate: f64,
     rng: &mut impl Rng,
@@ -78,7 +79,7 @@ pub fn build_examples(
             for &streaming in settings {
                 let prev_prefs: &[Stated] =
                     if streaming { prev.as_ref().map(|p| p.0.as_slice()).unwrap_or(&[]) } else { &[] };
-                let cands = teach(user, prev_prefs, &signals, g, error_rate, rng);
+                let cands = teach(user, prev_prefs, &signals, rule, g, error_rate, rng);
                 let jobs: Vec<(&str, &[_])> =
                     cands.iter().map(|c| (c.description.as_str(), user.test_pairs.as_slice())).collect();
                 let scores = scorer.many_pair_scores(&jobs)?;

@@ -88,18 +88,59 @@ fn mistake(prefs: &mut Vec<Stated>, window: &[Signal], rng: &mut impl Rng) {
     }
 }
 
+/// A conclusion the student can reproduce from its prompt alone, in the signals' words: what
+/// the user wrote about first (UGC shows only real preferences), then the previous
+/// preferences, then the poles the new comparisons' chosen responses show, newest first (half
+/// of those are dimensions the user does not care about); the first `cap` are kept. A pole seen
+/// again takes its newest words and the better rank; an opposite stance replaces the old one.
+/// Judged on held-out users, this rule at cap 8 reaches 68.0% Acc_jud in streaming 4+4, against
+/// 64.5% for "the last 8 poles shown" (docs/training.md, attempt 9).
+pub fn conclude_shown(prev: &[Stated], window: &[Signal], cap: usize) -> Vec<Stated> {
+    // rank: 2 user's own text, 1 previous description, 0 a chosen response
+    let mut items: Vec<(Stated, u8)> = prev.iter().map(|s| (s.clone(), 1)).collect();
+    for sig in window {
+        let rank = if matches!(sig.0, EventBody::Ugc { .. }) { 2 } else { 0 };
+        for s in shown(sig) {
+            let mut r = rank;
+            if let Some(i) = items.iter().position(|q| q.0 .0.dim == s.0.dim) {
+                let old = items.remove(i);
+                if old.0 .0.dir == s.0.dir {
+                    r = r.max(old.1);
+                }
+            }
+            items.push((s, r));
+        }
+    }
+    // Higher rank first; among the new ones the newest first, the previous ones keep their order.
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by(|&a, &b| items[b].1.cmp(&items[a].1).then(if items[a].1 == 1 { a.cmp(&b) } else { b.cmp(&a) }));
+    order.into_iter().take(cap).map(|i| items[i].0.clone()).collect()
+}
+
+/// How the teacher concludes: from the user's key dimensions (the paper's teacher, which the
+/// student cannot see) or from the prompt alone (`conclude_shown` with this cap).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Rule {
+    KeyDims,
+    Shown { cap: usize },
+}
+
 /// `g` candidates for one window; the first is the careful one, the others err with
 /// probability `error_rate`.
 pub fn teach(
     user: &UserRecord,
     prev: &[Stated],
     window: &[Signal],
+    rule: Rule,
     g: usize,
     error_rate: f64,
     rng: &mut impl Rng,
 ) -> Vec<Candidate> {
     let lines = evidence(window);
-    let careful = conclude(user, prev, window, rng);
+    let careful = match rule {
+        Rule::KeyDims => conclude(user, prev, window, rng),
+        Rule::Shown { cap } => conclude_shown(prev, window, cap),
+    };
     (0..g)
         .map(|i| {
             let mut prefs = careful.clone();
@@ -158,7 +199,7 @@ mod tests {
         let a2 = ann(vec![Pref { dim: 12, dir: 1 }]);
         let w: Vec<Signal> = vec![(&body1, &a1), (&body2, &a2)];
         let prev = vec![(Pref { dim: 50, dir: -1 }, "earlier words".to_string())];
-        let c = teach(&user, &prev, &w, 4, 1.0, &mut StdRng::seed_from_u64(1));
+        let c = teach(&user, &prev, &w, Rule::KeyDims, 4, 1.0, &mut StdRng::seed_from_u64(1));
         assert_eq!(c.len(), 4);
         let dims: Vec<(usize, i8)> = c[0].prefs.iter().map(|s| (s.0.dim, s.0.dir)).collect();
         assert_eq!(dims, vec![(50, -1), (3, 1), (12, 1)]);
@@ -167,6 +208,26 @@ mod tests {
         assert!(c[0].reasoning.contains("Before: earlier words."));
         assert!(c[0].description.contains(p12));
         assert!(c[1..].iter().any(|x| x.prefs != c[0].prefs));
+    }
+
+    #[test]
+    fn shown_rule_ranks_user_text_then_previous_then_newest_choices() {
+        let ph = |d: usize, dir: i8| pole(d, dir).phrases[0];
+        let text = |ps: &[(usize, i8)]| ps.iter().map(|&(d, dir)| format!("Try {}.", ph(d, dir))).collect::<String>();
+        let prefs = |ps: &[(usize, i8)]| ps.iter().map(|&(dim, dir)| Pref { dim, dir }).collect::<Vec<_>>();
+        let cmp =
+            |ps: &[(usize, i8)]| EventBody::Comparison { post: "p".into(), chosen: text(ps), rejected: "y".into() };
+        let (b1, b2, b3) = (cmp(&[(3, 1), (7, 1)]), EventBody::Ugc { text: text(&[(20, 1)]) }, cmp(&[(3, -1), (9, 1)]));
+        let a1 = ann(prefs(&[(3, 1), (7, 1)]));
+        let a2 = Annotation { ugc_poles: prefs(&[(20, 1)]), ..Annotation::unknown("e", "u") };
+        let a3 = ann(prefs(&[(3, -1), (9, 1)]));
+        let w: Vec<Signal> = vec![(&b1, &a1), (&b2, &a2), (&b3, &a3)];
+        let prev = vec![(Pref { dim: 50, dir: -1 }, "earlier".to_string()), (Pref { dim: 51, dir: 1 }, "older".into())];
+        let dims = |c: Vec<Stated>| c.iter().map(|s| (s.0.dim, s.0.dir)).collect::<Vec<_>>();
+        // dim 3's newest stance wins; choices newest first
+        assert_eq!(dims(conclude_shown(&prev, &w, 9)), vec![(20, 1), (50, -1), (51, 1), (9, 1), (3, -1), (7, 1)]);
+        assert_eq!(dims(conclude_shown(&prev, &w, 4)), vec![(20, 1), (50, -1), (51, 1), (9, 1)]);
+        assert_eq!(conclude_shown(&prev, &w, 9)[4].1, ph(3, -1), "in the signal's words");
     }
 
     #[test]
