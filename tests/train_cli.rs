@@ -68,7 +68,7 @@ fn quick_chain_builds_a_complete_package() {
     let out = train_with_preset(&run, &["eval"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let md = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(md.matches("| Teacher rule (last 4 poles shown) |").count(), 3, "{md}");
+    assert_eq!(md.matches("| Teacher rule (prompt only, 4 poles) |").count(), 3, "{md}");
 }
 
 #[test]

@@ -172,7 +172,7 @@ pub fn teacher_rule_rows(
             .collect();
         let (acc, pairs) = score_descriptions(scorer, users, &descs)?;
         rows.push(EvalRow {
-            method: format!("Teacher rule (last {cap} poles shown)"),
+            method: format!("Teacher rule (prompt only, {cap} poles)"),
             setting: s.name().into(),
             acc_jud: acc,
             format_rate: 1.0,

@@ -40,7 +40,8 @@ pub struct Preset {
     pub sft_copy_steps: usize,
     pub sft_steps: usize,
     /// The cold-start teacher's rule: 0 concludes from the user's key dimensions (the paper's
-    /// teacher); n > 0 from the prompt alone, keeping the last n poles shown (`conclude_shown`).
+    /// teacher); n > 0 from the prompt alone, keeping the first n poles by rank
+    /// (`teacher::conclude_shown`).
     #[serde(default)]
     pub teacher_cap: usize,
     pub sft_batch: usize,
@@ -63,6 +64,13 @@ pub struct Preset {
 }
 
 impl Preset {
+    pub fn teacher_rule(&self) -> teacher::Rule {
+        match self.teacher_cap {
+            0 => teacher::Rule::KeyDims,
+            cap => teacher::Rule::Shown { cap },
+        }
+    }
+
     /// The preset of the shipped package: rotary positions, a 1,200-step copy warm-up, and a
     /// 256-token response budget (round 2's reasoning restates the previous description, and
     /// 160 tokens truncated 13% of streaming outputs; docs/training.md, attempt 8). 1,000 SFT
@@ -320,11 +328,7 @@ impl Run {
         let scorer = Scorer { judge: &judge, tok: &tok, device: Device::Cpu };
         let mut rng = self.rng(3);
         let pb = bar("teacher");
-        let rule = match preset.teacher_cap {
-            0 => teacher::Rule::KeyDims,
-            cap => teacher::Rule::Shown { cap },
-        };
-        let (examples, stats) = sft::build_examples(&world, &scorer, rule, 4, 0.6, &mut rng, &pb)?;
+        let (examples, stats) = sft::build_examples(&world, &scorer, preset.teacher_rule(), 4, 0.6, &mut rng, &pb)?;
         pb.finish();
         tracing::info!(?stats, "cold-start data filtered by R_jud");
         write_json(&self.path("sft_filter.json"), &stats)?;
@@ -424,8 +428,8 @@ impl Run {
         let users = test_users(&world, preset.eval_users);
         let mut rows = reference_rows(&scorer, &users)?;
         let mut rng = self.rng(4);
-        if preset.teacher_cap > 0 {
-            rows.extend(teacher_rule_rows(&scorer, &users, settings, preset.teacher_cap, &mut rng)?);
+        if let teacher::Rule::Shown { cap } = preset.teacher_rule() {
+            rows.extend(teacher_rule_rows(&scorer, &users, settings, cap, &mut rng)?);
         }
         let methods: Vec<(&str, &str)> = [("SFT", "policy"), ("SFT+GRPO", "policy_grpo")]
             .into_iter()
