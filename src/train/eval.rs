@@ -57,7 +57,12 @@ pub struct EvalUser {
 impl EvalUser {
     /// Signals `from..to` (clamped).
     pub fn span(&self, from: usize, to: usize) -> Vec<&EventBody> {
-        self.signals[from.min(self.signals.len())..to.min(self.signals.len())].iter().map(|s| &s.0).collect()
+        self.annotated(from, to).into_iter().map(|s| s.0).collect()
+    }
+
+    /// Signals `from..to` (clamped) with their ground truth, as the teacher reads them.
+    pub fn annotated(&self, from: usize, to: usize) -> Vec<(&EventBody, &Annotation)> {
+        self.signals[from.min(self.signals.len())..to.min(self.signals.len())].iter().map(|s| (&s.0, &s.1)).collect()
     }
 
     /// The same user after a preference reversal of its first `n` signals (the user now
@@ -160,10 +165,10 @@ pub fn teacher_rule_rows(
             .iter()
             .map(|u| {
                 let prefs = match s {
-                    Setting::Base4 => conclude_shown(&[], &signals(u, 0, 4), cap),
-                    Setting::Base8 => conclude_shown(&[], &signals(u, 0, 8), cap),
+                    Setting::Base4 => conclude_shown(&[], &u.annotated(0, 4), cap),
+                    Setting::Base8 => conclude_shown(&[], &u.annotated(0, 8), cap),
                     Setting::Stream44 => {
-                        conclude_shown(&conclude_shown(&[], &signals(u, 0, 4), cap), &signals(u, 4, 8), cap)
+                        conclude_shown(&conclude_shown(&[], &u.annotated(0, 4), cap), &u.annotated(4, 8), cap)
                     }
                 };
                 let words: Vec<&str> = prefs.iter().map(|p| p.1.as_str()).collect();
@@ -181,10 +186,6 @@ pub fn teacher_rule_rows(
         });
     }
     Ok(rows)
-}
-
-fn signals(u: &EvalUser, from: usize, to: usize) -> Vec<(&EventBody, &Annotation)> {
-    u.signals[from..to].iter().map(|s| (&s.0, &s.1)).collect()
 }
 
 /// Generation settings shared by the studies.
