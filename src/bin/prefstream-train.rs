@@ -83,6 +83,10 @@ enum Cmd {
         /// which `all` and the service use.
         #[arg(long, env = "PREFSTREAM_EVAL_GREEDY")]
         greedy: bool,
+        /// Score with this other run directory's judge and tokenizer instead of this run's
+        /// (each `all` retrains the judge; compare two runs' policies under one judge).
+        #[arg(long, env = "PREFSTREAM_JUDGE_RUN")]
+        judge_run: Option<PathBuf>,
     },
     /// The whole chain from the seed.
     All {
@@ -139,8 +143,8 @@ fn main() -> Result<()> {
         Cmd::Export { out, policy } => {
             run.export_step(&out.clone().unwrap_or_else(|| cli.run.join("package")), &preset()?, policy)?
         }
-        Cmd::Eval { studies, greedy } => {
-            println!("{}", markdown(&run.eval_step(&preset()?, &SETTINGS, *studies, *greedy)?))
+        Cmd::Eval { studies, greedy, judge_run } => {
+            println!("{}", markdown(&run.eval_step(&preset()?, &SETTINGS, *studies, *greedy, judge_run.as_deref())?))
         }
         Cmd::All { synth, install } => {
             let p = preset()?;
@@ -150,7 +154,7 @@ fn main() -> Result<()> {
             run.judge_step(&p)?;
             run.sft_step(&p, false)?;
             run.grpo_step(&p)?;
-            let rows = run.eval_step(&p, &SETTINGS, true, false)?;
+            let rows = run.eval_step(&p, &SETTINGS, true, false, None)?;
             println!("{}", markdown(&rows));
             let package = cli.run.join("package");
             run.export_step(&package, &p, run.best_policy(&rows))?;

@@ -413,18 +413,23 @@ impl Run {
     /// Acc_jud of every trained policy beside Null / raw signals / Golden; with `studies`, also
     /// robustness (reversal, drift) and efficiency (time per update by round). Decoding is the
     /// paper's inference sampling (T 0.9, top-p 0.95, top-k 10; the service's default too),
-    /// seeded, or greedy. Writes `eval.json` and `eval.md`.
+    /// seeded, or greedy. `judge_run` scores with another run's judge (and its tokenizer), so
+    /// two runs' policies can be compared under one judge. Writes `eval.json` and `eval.md`.
     pub fn eval_step(
         &self,
         preset: &Preset,
         settings: &[Setting],
         studies: bool,
         greedy: bool,
+        judge_run: Option<&Path>,
     ) -> Result<Vec<EvalRow>> {
         let world = self.world()?;
         let tok = self.tokenizer()?;
-        let (judge, _) = self.load_judge()?;
-        let scorer = Scorer { judge: &judge, tok: &tok, device: Device::Cpu };
+        let other = judge_run.map(|d| Run { dir: d.to_path_buf(), seed: self.seed });
+        let judge_src = other.as_ref().unwrap_or(self);
+        let judge_tok = judge_src.tokenizer()?;
+        let (judge, _) = judge_src.load_judge()?;
+        let scorer = Scorer { judge: &judge, tok: &judge_tok, device: Device::Cpu };
         let users = test_users(&world, preset.eval_users);
         let mut rows = reference_rows(&scorer, &users)?;
         let mut rng = self.rng(4);

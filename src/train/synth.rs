@@ -183,12 +183,19 @@ pub fn describe(prefs: &[Pref], rng: &mut impl Rng) -> String {
 /// A description from the words that state each preference: a pole's label or any of its
 /// paraphrases (the words the user's own signals used), in random order with varied verbs.
 pub fn describe_surfaces(surfaces: &[&str], rng: &mut impl Rng) -> String {
+    let mut order: Vec<&str> = surfaces.to_vec();
+    order.shuffle(rng);
+    describe_in_order(&order, rng)
+}
+
+/// Like [`describe_surfaces`] but keeping the given order: the teacher lists its conclusion in
+/// the order its reasoning did, so the student's answer (and, next round, its "Before:" line) is
+/// an in-order copy rather than a permutation it cannot see.
+pub fn describe_in_order(surfaces: &[&str], rng: &mut impl Rng) -> String {
     if surfaces.is_empty() {
         return NOT_PROVIDED.to_string();
     }
-    let mut order: Vec<&str> = surfaces.to_vec();
-    order.shuffle(rng);
-    let clauses: Vec<String> = order.iter().map(|s| format!("{} {s}", pick(&VERBS, rng))).collect();
+    let clauses: Vec<String> = surfaces.iter().map(|s| format!("{} {s}", pick(&VERBS, rng))).collect();
     format!("The user {}.", clauses.join("; "))
 }
 

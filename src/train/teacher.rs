@@ -5,7 +5,7 @@
 //! It states each preference in the words the signals used (a pole's paraphrase as it appears
 //! in the chosen response or the user's text), so the student learns to quote evidence.
 
-use super::synth::{any_surface, describe_surfaces, surface_in, Annotation, Pref, UserRecord};
+use super::synth::{any_surface, describe_in_order, surface_in, Annotation, Pref, UserRecord};
 use crate::event::EventBody;
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -34,10 +34,16 @@ fn shown(sig: &Signal) -> Vec<Stated> {
         EventBody::Ugc { text } => (text.as_str(), &sig.1.ugc_poles),
         EventBody::Forget => ("", &sig.1.chosen_poles),
     };
-    poles
+    let mut out: Vec<(usize, Stated)> = poles
         .iter()
-        .map(|p| (p.clone(), surface_in(text, p).unwrap_or(super::dims::pole(p.dim, p.dir).label).to_string()))
-        .collect()
+        .map(|p| match surface_in(text, p) {
+            Some(words) => (text.find(words).unwrap_or(usize::MAX), (p.clone(), words.to_string())),
+            None => (usize::MAX, (p.clone(), super::dims::pole(p.dim, p.dir).label.to_string())),
+        })
+        .collect();
+    // In the order the text says them: the evidence line is then an in-order copy.
+    out.sort_by_key(|o| o.0);
+    out.into_iter().map(|o| o.1).collect()
 }
 
 fn evidence(window: &[Signal]) -> Vec<String> {
@@ -161,7 +167,7 @@ fn candidate(lines: &[String], prev: &[Stated], prefs: Vec<Stated>, rng: &mut im
     }
     reasoning.push_str(&format!(" So: {}.", joined(&prefs)));
     let words: Vec<&str> = prefs.iter().map(|s| s.1.as_str()).collect();
-    Candidate { reasoning, description: describe_surfaces(&words, rng), prefs }
+    Candidate { reasoning, description: describe_in_order(&words, rng), prefs }
 }
 
 /// The copy warm-up's target for a few signals: the evidence lines and every pole they show,
@@ -207,6 +213,9 @@ mod tests {
         assert!(c[0].reasoning.starts_with("1: chose "));
         assert!(c[0].reasoning.contains("Before: earlier words."));
         assert!(c[0].description.contains(p12));
+        // the description states the conclusion in the reasoning's order
+        let at = |w: &str| c[0].description.find(w).unwrap();
+        assert!(at("earlier words") < at(p12));
         assert!(c[1..].iter().any(|x| x.prefs != c[0].prefs));
     }
 
@@ -239,7 +248,8 @@ mod tests {
             chosen: format!("Try {p12}. Go for {p40}."),
             rejected: "y".into(),
         };
-        let a = ann(vec![Pref { dim: 12, dir: 1 }, Pref { dim: 40, dir: -1 }]);
+        // annotated out of the text's order: the evidence still follows the text
+        let a = ann(vec![Pref { dim: 40, dir: -1 }, Pref { dim: 12, dir: 1 }]);
         let c = observe(&[(&body, &a)], &mut StdRng::seed_from_u64(2));
         assert_eq!(c.prefs.iter().map(|s| s.1.as_str()).collect::<Vec<_>>(), vec![p12, p40]);
         assert_eq!(c.reasoning, format!("1: chose {p12}, {p40}. So: {p12}, {p40}."));
