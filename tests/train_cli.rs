@@ -69,6 +69,16 @@ fn quick_chain_builds_a_complete_package() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let md = String::from_utf8_lossy(&out.stdout);
     assert_eq!(md.matches("| Teacher rule (prompt only, 4 poles) |").count(), 3, "{md}");
+
+    // Another run's judge: this run's own, named explicitly, reproduces the reference rows;
+    // a directory without a judge is an error that names what is missing.
+    let null_row = |md: &str| md.lines().find(|l| l.starts_with("| Null |")).map(String::from);
+    let again = train_with_preset(&run, &["eval", "--judge-run", run.to_str().unwrap()]);
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    assert_eq!(null_row(&String::from_utf8_lossy(&again.stdout)), null_row(&md));
+    let missing = train_with_preset(&run, &["eval", "--judge-run", dir.path().join("nowhere").to_str().unwrap()]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("nowhere"));
 }
 
 #[test]

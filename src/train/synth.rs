@@ -189,7 +189,7 @@ pub fn describe_surfaces(surfaces: &[&str], rng: &mut impl Rng) -> String {
 }
 
 /// Like [`describe_surfaces`] but keeping the given order: the teacher lists its conclusion in
-/// the order its reasoning did, so the student's answer (and, next round, its "Before:" line) is
+/// the order its reasoning did, so the student's answer (and, next round, its "So:" line) is
 /// an in-order copy rather than a permutation it cannot see.
 pub fn describe_in_order(surfaces: &[&str], rng: &mut impl Rng) -> String {
     if surfaces.is_empty() {

@@ -153,18 +153,17 @@ pub fn teach(
             if i > 0 && rng.gen_bool(error_rate) {
                 mistake(&mut prefs, window, rng);
             }
-            candidate(&lines, prev, prefs, rng)
+            candidate(&lines, prefs, rng)
         })
         .collect()
 }
 
-/// The reasoning (evidence lines, the previous preferences, the conclusion) and description
-/// for `prefs`.
-fn candidate(lines: &[String], prev: &[Stated], prefs: Vec<Stated>, rng: &mut impl Rng) -> Candidate {
+/// The reasoning (evidence lines, then the conclusion) and description for `prefs`. The
+/// conclusion starts with the previous preferences it keeps, in their order, so it is an
+/// in-order copy of the prompt's past preferences; restating them on a line of their own
+/// ("Before: …") only lengthened every streaming update (docs/training.md, attempt 10).
+fn candidate(lines: &[String], prefs: Vec<Stated>, rng: &mut impl Rng) -> Candidate {
     let mut reasoning = lines.join(" ");
-    if !prev.is_empty() {
-        reasoning.push_str(&format!(" Before: {}.", joined(prev)));
-    }
     reasoning.push_str(&format!(" So: {}.", joined(&prefs)));
     let words: Vec<&str> = prefs.iter().map(|s| s.1.as_str()).collect();
     Candidate { reasoning, description: describe_in_order(&words, rng), prefs }
@@ -174,7 +173,7 @@ fn candidate(lines: &[String], prev: &[Stated], prefs: Vec<Stated>, rng: &mut im
 /// in the signals' own words. A function of the prompt alone, so a small student can learn to
 /// quote before it learns to select (see `sft::copy_examples`).
 pub fn observe(window: &[Signal], rng: &mut impl Rng) -> Candidate {
-    candidate(&evidence(window), &[], window.iter().flat_map(shown).collect(), rng)
+    candidate(&evidence(window), window.iter().flat_map(shown).collect(), rng)
 }
 
 #[cfg(test)]
@@ -211,7 +210,7 @@ mod tests {
         assert_eq!(dims, vec![(50, -1), (3, 1), (12, 1)]);
         assert_eq!(c[0].prefs[2].1, p12, "quotes the signal's paraphrase");
         assert!(c[0].reasoning.starts_with("1: chose "));
-        assert!(c[0].reasoning.contains("Before: earlier words."));
+        assert!(c[0].reasoning.contains(&format!(" So: earlier words, {}, {p12}.", c[0].prefs[1].1)));
         assert!(c[0].description.contains(p12));
         // the description states the conclusion in the reasoning's order
         let at = |w: &str| c[0].description.find(w).unwrap();
