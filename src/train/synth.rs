@@ -199,9 +199,9 @@ pub fn describe_in_order(surfaces: &[&str], rng: &mut impl Rng) -> String {
     format!("The user {}.", clauses.join("; "))
 }
 
-/// The paraphrase of `p`'s pole that `text` uses, if any.
-pub fn surface_in(text: &str, p: &Pref) -> Option<&'static str> {
-    pole(p.dim, p.dir).phrases.iter().copied().find(|ph| text.contains(ph))
+/// The paraphrase of `p`'s pole that `text` uses, if any, and where it starts.
+pub fn surface_in(text: &str, p: &Pref) -> Option<(usize, &'static str)> {
+    pole(p.dim, p.dir).phrases.iter().find_map(|&ph| text.find(ph).map(|at| (at, ph)))
 }
 
 /// The label or one of the paraphrases of a pole, at random.

@@ -37,7 +37,7 @@ fn shown(sig: &Signal) -> Vec<Stated> {
     let mut out: Vec<(usize, Stated)> = poles
         .iter()
         .map(|p| match surface_in(text, p) {
-            Some(words) => (text.find(words).unwrap_or(usize::MAX), (p.clone(), words.to_string())),
+            Some((at, words)) => (at, (p.clone(), words.to_string())),
             None => (usize::MAX, (p.clone(), super::dims::pole(p.dim, p.dir).label.to_string())),
         })
         .collect();
