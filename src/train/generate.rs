@@ -125,3 +125,49 @@ pub fn response_logprobs(model: &Gpt, seqs: &[(Vec<u32>, Vec<u32>)], pad: u32) -
     let picked = model.target_logprobs(&h, idx, tgt)?;
     Ok((picked.reshape((seqs.len(), max_r))?, Tensor::from_vec(rmask, (seqs.len(), max_r), &dev)?))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::model::GptConfig;
+    use candle_core::DType;
+    use candle_nn::{VarBuilder, VarMap};
+    use rand::{rngs::StdRng, SeedableRng};
+
+    /// GRPO's ratio is exp(new − old): the log-probabilities recorded while sampling (left-padded
+    /// batch, KV cache) must equal the ones recomputed for the update (right-padded, one pass),
+    /// or the clip would act on a mismatch instead of on the policy's change.
+    #[test]
+    fn sampled_logprobs_match_the_recomputed_ones() {
+        let text = "the user chose short replies and science topics <think> </think> <answer> </answer>";
+        let tok = TextTokenizer::train(std::iter::repeat_n(text.to_string(), 50), 300).unwrap();
+        let dev = Device::Cpu;
+        for rotary in [false, true] {
+            let cfg = GptConfig {
+                vocab_size: tok.vocab_size(),
+                n_layer: 2,
+                n_head: 2,
+                d_model: 16,
+                d_ff: 32,
+                max_positions: 64,
+                rotary,
+            };
+            let vm = VarMap::new();
+            let model = Gpt::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+            // prompts of different lengths, so the sampling batch is left-padded
+            let prompts = vec![tok.encode("the user chose"), tok.encode("short replies and science topics the user")];
+            let params = SamplingParams::PAPER;
+            let outs = generate(&model, &tok, &prompts, 12, &params, 0, &mut StdRng::seed_from_u64(3)).unwrap();
+            let seqs: Vec<_> = prompts.iter().zip(&outs).map(|(p, o)| (p.clone(), o.tokens.clone())).collect();
+            let (lp, mask) = response_logprobs(&model, &seqs, tok.pad).unwrap();
+            let (lp, mask) = (lp.to_vec2::<f32>().unwrap(), mask.to_vec2::<f32>().unwrap());
+            for (i, o) in outs.iter().enumerate() {
+                assert!(!o.tokens.is_empty());
+                for (j, old) in o.logprobs.iter().enumerate() {
+                    assert_eq!(mask[i][j], 1.0);
+                    assert!((lp[i][j] - old).abs() < 1e-4, "rotary {rotary} row {i} token {j}: {} vs {old}", lp[i][j]);
+                }
+            }
+        }
+    }
+}

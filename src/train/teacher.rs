@@ -58,17 +58,18 @@ fn evidence(window: &[Signal]) -> Vec<String> {
 }
 
 /// What a careful teacher concludes: the previous preferences plus every key dimension the new
-/// signals touch, with the user's true stance (in the signal's words when it shows that stance).
-pub fn conclude(user: &UserRecord, prev: &[Stated], window: &[Signal], rng: &mut impl Rng) -> Vec<Stated> {
+/// signals show with the user's true stance, in the signal's words. A signal that shows the
+/// opposite stance (label noise, or a choice another preference decided) is passed over: the
+/// true stance written there would be a flip in words the prompt does not contain, which the
+/// student can only learn as "sometimes flip at random" (docs/training.md, attempt 11).
+pub fn conclude(user: &UserRecord, prev: &[Stated], window: &[Signal]) -> Vec<Stated> {
     let mut out: Vec<Stated> = prev.to_vec();
     for sig in window {
         for (p, words) in shown(sig) {
-            let Some(truth) = user.prefs.iter().find(|q| q.dim == p.dim) else { continue };
-            if out.iter().any(|q| q.0.dim == p.dim) {
-                continue;
+            let known = out.iter().any(|q| q.0.dim == p.dim);
+            if !known && user.prefs.contains(&p) {
+                out.push((p, words));
             }
-            let words = if truth.dir == p.dir { words } else { any_surface(truth, rng).to_string() };
-            out.push((truth.clone(), words));
         }
     }
     out
@@ -144,7 +145,7 @@ pub fn teach(
 ) -> Vec<Candidate> {
     let lines = evidence(window);
     let careful = match rule {
-        Rule::KeyDims => conclude(user, prev, window, rng),
+        Rule::KeyDims => conclude(user, prev, window),
         Rule::Shown { cap } => conclude_shown(prev, window, cap),
     };
     (0..g)
@@ -188,7 +189,7 @@ mod tests {
     }
 
     #[test]
-    fn careful_candidate_keeps_key_dims_with_true_stance_in_the_signals_words() {
+    fn careful_candidate_keeps_the_key_dims_shown_with_the_true_stance() {
         let user = UserRecord {
             user_id: "u".into(),
             split: Split::Train,
@@ -199,7 +200,8 @@ mod tests {
         let p12 = pole(12, 1).phrases[1];
         let body1 = EventBody::Comparison { post: "p".into(), chosen: "x".into(), rejected: "y".into() };
         let body2 = EventBody::Comparison { post: "p".into(), chosen: format!("Try {p12}."), rejected: "y".into() };
-        // signal 1 is noisy (shows dim 3's wrong pole): the teacher still states the truth
+        // signal 1 is noisy (shows dim 3's wrong pole): the teacher passes over it rather than
+        // state the truth in words the prompt lacks
         let a1 = ann(vec![Pref { dim: 3, dir: -1 }, Pref { dim: 7, dir: 1 }]);
         let a2 = ann(vec![Pref { dim: 12, dir: 1 }]);
         let w: Vec<Signal> = vec![(&body1, &a1), (&body2, &a2)];
@@ -207,10 +209,10 @@ mod tests {
         let c = teach(&user, &prev, &w, Rule::KeyDims, 4, 1.0, &mut StdRng::seed_from_u64(1));
         assert_eq!(c.len(), 4);
         let dims: Vec<(usize, i8)> = c[0].prefs.iter().map(|s| (s.0.dim, s.0.dir)).collect();
-        assert_eq!(dims, vec![(50, -1), (3, 1), (12, 1)]);
-        assert_eq!(c[0].prefs[2].1, p12, "quotes the signal's paraphrase");
+        assert_eq!(dims, vec![(50, -1), (12, 1)]);
+        assert_eq!(c[0].prefs[1].1, p12, "quotes the signal's paraphrase");
         assert!(c[0].reasoning.starts_with("1: chose "));
-        assert!(c[0].reasoning.contains(&format!(" So: earlier words, {}, {p12}.", c[0].prefs[1].1)));
+        assert!(c[0].reasoning.contains(&format!(" So: earlier words, {p12}.")));
         assert!(c[0].description.contains(p12));
         // the description states the conclusion in the reasoning's order
         let at = |w: &str| c[0].description.find(w).unwrap();
