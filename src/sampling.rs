@@ -16,6 +16,8 @@ impl SamplingParams {
     pub const GREEDY: Self = Self { temperature: 0.0, top_k: 0, top_p: 1.0 };
     /// AlignXplore's inference setting.
     pub const PAPER: Self = Self { temperature: 0.9, top_k: 10, top_p: 0.95 };
+    /// The model's own distribution, untruncated.
+    pub const POLICY: Self = Self { temperature: 1.0, top_k: 0, top_p: 1.0 };
 }
 
 pub fn argmax(logits: &[f32]) -> u32 {

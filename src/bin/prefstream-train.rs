@@ -3,8 +3,8 @@
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
-use prefstream::train::eval::{markdown, Setting};
-use prefstream::train::pipeline::{Preset, Run};
+use prefstream::train::eval::{markdown, SETTINGS};
+use prefstream::train::pipeline::{best_policy, Preset, Run};
 use prefstream::train::synth::SynthConfig;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -109,8 +109,6 @@ fn synth_cfg(a: &SynthArgs, p: &Preset, seed: u64) -> SynthConfig {
     }
 }
 
-const SETTINGS: [Setting; 3] = [Setting::Base4, Setting::Base8, Setting::Stream44];
-
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
@@ -157,7 +155,7 @@ fn main() -> Result<()> {
             let rows = run.eval_step(&p, &SETTINGS, true, false, None)?;
             println!("{}", markdown(&rows));
             let package = cli.run.join("package");
-            run.export_step(&package, &p, run.best_policy(&rows))?;
+            run.export_step(&package, &p, best_policy(&rows))?;
             if let Some(dest) = install {
                 std::fs::create_dir_all(dest)?;
                 for f in ["model.onnx", "judge.onnx", "tokenizer.json", "manifest.json"] {

@@ -26,6 +26,9 @@ pub enum Setting {
     Stream44,
 }
 
+/// The three settings of the paper's tables, in their order.
+pub const SETTINGS: [Setting; 3] = [Setting::Base4, Setting::Base8, Setting::Stream44];
+
 impl Setting {
     pub fn name(self) -> &'static str {
         match self {

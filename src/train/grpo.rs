@@ -34,6 +34,9 @@ pub struct GrpoConfig {
     /// without known preferences: the user's held-out pairs). R_jud over 8 pairs moves in
     /// steps of 1/8, so a group's differences were mostly the pairs' noise.
     pub reward_pairs: usize,
+    /// Groups sampled from the raw policy (T 1, nothing truncated or blocked) rather than with
+    /// the package's decoding; round 1's descriptions are always decoded as the package does.
+    pub on_policy: bool,
 }
 
 /// Group-normalised advantages: (r − mean) / std, all zero where the group's rewards are equal.
@@ -119,7 +122,9 @@ pub fn train(
         }
         // G samples per prompt.
         let ids: Vec<Vec<u32>> = prompts.iter().flat_map(|p| std::iter::repeat_n(tok.encode(p), cfg.group)).collect();
-        let outs = generate(model, tok, &ids, cfg.max_new, &sampling, cfg.no_repeat, rng)?;
+        let (group_sampling, group_no_repeat) =
+            if cfg.on_policy { (SamplingParams::POLICY, 0) } else { (sampling, cfg.no_repeat) };
+        let outs = generate(model, tok, &ids, cfg.max_new, &group_sampling, group_no_repeat, rng)?;
         let parsed: Vec<_> = outs.iter().map(|o| parse_output(&o.text)).collect();
         let pairs: Vec<Vec<Pair>> = picked
             .iter()
