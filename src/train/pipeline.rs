@@ -78,7 +78,7 @@ impl Preset {
     /// The preset of the shipped package: rotary positions, a 1,200-step copy warm-up, and a
     /// 256-token response budget (160 truncated 13% of streaming outputs while round 2's
     /// reasoning restated the previous description, docs/training.md attempt 8; responses are
-    /// ≈ 100–115 tokens since attempt 10 dropped that restatement). 1,000 SFT
+    /// ≈ 85–115 tokens since attempt 10 dropped that restatement). 1,000 SFT
     /// steps scored as well as 1,400 and keep `all` within an hour on two cores (attempt 9).
     pub fn full() -> Self {
         Self {
