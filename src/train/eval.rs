@@ -2,12 +2,13 @@
 //! raw signals E, Golden) scored by the judge on each user's held-out pairs, both A/B orders.
 //! Also the paper's robustness (reversal, drift) and efficiency (time per update) studies.
 
+use super::audit::{audit, mean_audit, Audit};
 use super::generate::generate;
 use super::judge::{mean, Scorer};
 use super::model::Gpt;
 use super::sft::user_windows;
 use super::synth::{describe_surfaces, render_ugc, Annotation, Pref, Split, UserRecord, World};
-use super::teacher::conclude_shown;
+use super::teacher::{conclude, conclude_shown, Rule, Stated};
 use crate::event::EventBody;
 use crate::prompt::{build_prompt, parse_output, NOT_PROVIDED};
 use crate::sampling::SamplingParams;
@@ -153,42 +154,99 @@ pub fn reference_rows(scorer: &Scorer, users: &[EvalUser]) -> anyhow::Result<Vec
         .collect()
 }
 
-/// The prompt-only teacher rule (`teacher::conclude_shown`) as a description, in each setting:
-/// the ceiling of a student that imitates it perfectly. No policy is involved.
+/// The teacher's own descriptions in one setting: with `Rule::Shown` the ceiling of a student
+/// that imitates the prompt-only rule perfectly; with `Rule::KeyDims` the paper's teacher,
+/// which sees the user's key dimensions (out of the student's reach).
+pub fn teacher_descriptions(
+    users: &[EvalUser],
+    setting: Setting,
+    rule: Rule,
+    rng: &mut impl Rng,
+) -> Vec<Option<String>> {
+    users
+        .iter()
+        .map(|u| {
+            let conclude = |prev: &[Stated], from, to| match rule {
+                Rule::KeyDims => conclude(&u.user, prev, &u.annotated(from, to)),
+                Rule::Shown { cap } => conclude_shown(prev, &u.annotated(from, to), cap),
+            };
+            let prefs = match setting {
+                Setting::Base4 => conclude(&[], 0, 4),
+                Setting::Base8 => conclude(&[], 0, 8),
+                Setting::Stream44 => conclude(&conclude(&[], 0, 4), 4, 8),
+            };
+            let words: Vec<&str> = prefs.iter().map(|p| p.1.as_str()).collect();
+            Some(describe_surfaces(&words, rng))
+        })
+        .collect()
+}
+
+/// The teacher's descriptions (`teacher_descriptions`) scored in each setting.
 pub fn teacher_rule_rows(
     scorer: &Scorer,
     users: &[EvalUser],
     settings: &[Setting],
-    cap: usize,
+    rule: Rule,
     rng: &mut impl Rng,
-) -> anyhow::Result<Vec<EvalRow>> {
+) -> anyhow::Result<Vec<(EvalRow, Vec<Option<String>>)>> {
+    let method = match rule {
+        Rule::KeyDims => "Teacher (sees key dimensions)".to_string(),
+        Rule::Shown { cap } => format!("Teacher rule (prompt only, {cap} poles)"),
+    };
     let mut rows = Vec::new();
     for &s in settings {
-        let descs: Vec<Option<String>> = users
-            .iter()
-            .map(|u| {
-                let prefs = match s {
-                    Setting::Base4 => conclude_shown(&[], &u.annotated(0, 4), cap),
-                    Setting::Base8 => conclude_shown(&[], &u.annotated(0, 8), cap),
-                    Setting::Stream44 => {
-                        conclude_shown(&conclude_shown(&[], &u.annotated(0, 4), cap), &u.annotated(4, 8), cap)
-                    }
-                };
-                let words: Vec<&str> = prefs.iter().map(|p| p.1.as_str()).collect();
-                Some(describe_surfaces(&words, rng))
-            })
-            .collect();
+        let descs = teacher_descriptions(users, s, rule, rng);
         let (acc, pairs) = score_descriptions(scorer, users, &descs)?;
-        rows.push(EvalRow {
-            method: format!("Teacher rule (prompt only, {cap} poles)"),
+        let row = EvalRow {
+            method: method.clone(),
             setting: s.name().into(),
             acc_jud: acc,
             format_rate: 1.0,
             users: users.len(),
             pairs,
-        });
+        };
+        rows.push((row, descs));
     }
     Ok(rows)
+}
+
+/// What `descs` (one per user, in `setting`) state against the users' true preferences.
+pub fn audit_row(method: &str, setting: Setting, users: &[EvalUser], descs: &[Option<String>]) -> AuditRow {
+    let seen = if setting == Setting::Base4 { 4 } else { 8 };
+    let audits: Vec<Audit> = users
+        .iter()
+        .zip(descs)
+        .map(|(u, d)| {
+            let anns: Vec<&Annotation> = u.annotated(0, seen).into_iter().map(|s| s.1).collect();
+            audit(d.as_deref(), &u.user, &anns)
+        })
+        .collect();
+    AuditRow { method: method.into(), setting: setting.name().into(), audit: mean_audit(&audits) }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditRow {
+    pub method: String,
+    pub setting: String,
+    #[serde(flatten)]
+    pub audit: Audit,
+}
+
+pub fn audit_markdown(rows: &[AuditRow]) -> String {
+    let mut s = String::from(
+        "\nWhat the descriptions state, per description (`train::audit`): poles of key dimensions with the \
+         user's stance (right), with the opposite stance (flipped), of dimensions the user does not care \
+         about (off-key), and key dimensions the signals showed with the user's stance that the description \
+         leaves out (missed).\n\n| method | setting | right | flipped | off-key | missed |\n|---|---|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        let a = &r.audit;
+        s.push_str(&format!(
+            "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
+            r.method, r.setting, a.right, a.flipped, a.off_key, a.missed
+        ));
+    }
+    s
 }
 
 /// Generation settings shared by the studies.

@@ -2,6 +2,7 @@
 
 pub mod alignx;
 pub mod attention;
+pub mod audit;
 pub mod batch;
 pub mod curves;
 pub mod dims;

@@ -2,8 +2,8 @@
 //! step can be rerun alone and `all` is just their sequence.
 
 use super::eval::{
-    efficiency, eval_policy, markdown, reference_rows, robustness, teacher_rule_rows, test_users, EfficiencyRow,
-    EvalRow, Policy, RobustRow, Setting, SETTINGS,
+    audit_markdown, audit_row, efficiency, eval_policy, markdown, reference_rows, robustness, teacher_rule_rows,
+    test_users, EfficiencyRow, EvalRow, Policy, RobustRow, Setting, SETTINGS,
 };
 use super::judge::{train_judge, Judge, JudgeConfig, Scorer};
 use super::model::{Gpt, GptConfig};
@@ -431,8 +431,17 @@ impl Run {
         let users = test_users(&world, preset.eval_users);
         let mut rows = reference_rows(&scorer, &users)?;
         let mut rng = self.rng(4);
-        if let teacher::Rule::Shown { cap } = preset.teacher_rule() {
-            rows.extend(teacher_rule_rows(&scorer, &users, settings, cap, &mut rng)?);
+        let mut audits = Vec::new();
+        let mut rules = vec![teacher::Rule::KeyDims];
+        if let rule @ teacher::Rule::Shown { .. } = preset.teacher_rule() {
+            rules.push(rule);
+        }
+        for rule in rules {
+            for (&s, (row, descs)) in settings.iter().zip(teacher_rule_rows(&scorer, &users, settings, rule, &mut rng)?)
+            {
+                audits.push(audit_row(&row.method, s, &users, &descs));
+                rows.push(row);
+            }
         }
         let methods: Vec<(&str, &str)> = [("SFT", "policy"), ("SFT+GRPO", "policy_grpo")]
             .into_iter()
@@ -462,6 +471,7 @@ impl Run {
                 );
                 samples.push(serde_json::json!({"method": method, "setting": s.name(), "user": users[0].user.user_id,
                     "golden": users[0].user.golden, "description": descs[0]}));
+                audits.push(audit_row(method, s, &users, &descs));
                 rows.push(row);
                 pb.inc(1);
             }
@@ -474,9 +484,11 @@ impl Run {
             }
         }
         pb.finish();
-        let report = serde_json::json!({"rows": rows, "samples": samples, "robustness": robust, "efficiency": timing});
+        let report = serde_json::json!({"rows": rows, "audit": audits, "samples": samples, "robustness": robust,
+            "efficiency": timing});
         write_json(&self.path("eval.json"), &report)?;
         let mut md = markdown(&rows);
+        md.push_str(&audit_markdown(&audits));
         if studies {
             md.push_str(&studies_markdown(&robust, &timing));
             plot_efficiency(&self.path("efficiency.png"), &timing)?;
