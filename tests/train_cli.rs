@@ -50,7 +50,15 @@ fn quick_chain_builds_a_complete_package() {
     let eval: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("eval.json")).unwrap()).unwrap();
     let methods: Vec<&str> = eval["rows"].as_array().unwrap().iter().map(|r| r["method"].as_str().unwrap()).collect();
-    assert_eq!(methods, ["Null", "Raw signals E", "Golden", "SFT", "SFT", "SFT", "SFT+GRPO", "SFT+GRPO", "SFT+GRPO"]);
+    let key = "Teacher (sees key dimensions)";
+    assert_eq!(
+        methods,
+        ["Null", "Raw signals E", "Golden", key, key, key, "SFT", "SFT", "SFT", "SFT+GRPO", "SFT+GRPO", "SFT+GRPO"]
+    );
+    // The audit of what each description states: one row per scored policy/teacher and setting.
+    let audit = eval["audit"].as_array().unwrap();
+    assert_eq!(audit.len(), 9);
+    assert!(audit.iter().all(|a| a["right"].as_f64().unwrap() >= 0.0 && a["missed"].as_f64().unwrap() >= 0.0));
     for key in ["robustness", "efficiency"] {
         assert!(!eval[key].as_array().unwrap().is_empty(), "{key} study missing");
     }
@@ -69,6 +77,9 @@ fn quick_chain_builds_a_complete_package() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let md = String::from_utf8_lossy(&out.stdout);
     assert_eq!(md.matches("| Teacher rule (prompt only, 4 poles) |").count(), 3, "{md}");
+    // eval.md adds the audit: three more rows for the rule
+    let file = std::fs::read_to_string(run.join("eval.md")).unwrap();
+    assert_eq!(file.matches("| Teacher rule (prompt only, 4 poles) |").count(), 6, "{file}");
 
     // Another run's judge: this run's own, named explicitly, reproduces the reference rows;
     // a directory without a judge is an error that names what is missing.
