@@ -181,14 +181,14 @@ pub fn teacher_descriptions(
         .collect()
 }
 
-/// The teacher's descriptions (`teacher_descriptions`) scored in each setting.
+/// The teacher's descriptions (`teacher_descriptions`) scored and audited in each setting.
 pub fn teacher_rule_rows(
     scorer: &Scorer,
     users: &[EvalUser],
     settings: &[Setting],
     rule: Rule,
     rng: &mut impl Rng,
-) -> anyhow::Result<Vec<(EvalRow, Vec<Option<String>>)>> {
+) -> anyhow::Result<Vec<(EvalRow, AuditRow)>> {
     let method = match rule {
         Rule::KeyDims => "Teacher (sees key dimensions)".to_string(),
         Rule::Shown { cap } => format!("Teacher rule (prompt only, {cap} poles)"),
@@ -205,7 +205,7 @@ pub fn teacher_rule_rows(
             users: users.len(),
             pairs,
         };
-        rows.push((row, descs));
+        rows.push((row, audit_row(&method, s, users, &descs)));
     }
     Ok(rows)
 }

@@ -438,10 +438,9 @@ impl Run {
             rules.push(rule);
         }
         for rule in rules {
-            for (&s, (row, descs)) in settings.iter().zip(teacher_rule_rows(&scorer, &users, settings, rule, &mut rng)?)
-            {
-                audits.push(audit_row(&row.method, s, &users, &descs));
+            for (row, audit) in teacher_rule_rows(&scorer, &users, settings, rule, &mut rng)? {
                 rows.push(row);
+                audits.push(audit);
             }
         }
         let methods: Vec<(&str, &str)> = [("SFT", "policy"), ("SFT+GRPO", "policy_grpo")]
