@@ -84,9 +84,12 @@ fn quick_chain_builds_a_complete_package() {
     // Another run's judge: this run's own, named explicitly, reproduces the reference rows;
     // a directory without a judge is an error that names what is missing.
     let null_row = |md: &str| md.lines().find(|l| l.starts_with("| Null |")).map(String::from);
-    let again = train_with_preset(&run, &["eval", "--judge-run", run.to_str().unwrap()]);
+    // With --best-of 2 each policy also gets best-of-2 rows, in every setting.
+    let again = train_with_preset(&run, &["eval", "--judge-run", run.to_str().unwrap(), "--best-of", "2"]);
     assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
-    assert_eq!(null_row(&String::from_utf8_lossy(&again.stdout)), null_row(&md));
+    let again = String::from_utf8_lossy(&again.stdout);
+    assert_eq!(null_row(&again), null_row(&md));
+    assert_eq!(again.matches("| SFT, best of 2 |").count(), 3, "{again}");
     let missing = train_with_preset(&run, &["eval", "--judge-run", dir.path().join("nowhere").to_str().unwrap()]);
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("nowhere"));

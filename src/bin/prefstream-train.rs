@@ -87,6 +87,10 @@ enum Cmd {
         /// (each `all` retrains the judge; compare two runs' policies under one judge).
         #[arg(long, env = "PREFSTREAM_JUDGE_RUN")]
         judge_run: Option<PathBuf>,
+        /// Also score best-of-N decoding (N ≥ 2): N samples per window, keeping the description
+        /// under which the judge best explains the window's own comparisons.
+        #[arg(long, env = "PREFSTREAM_EVAL_BEST_OF", default_value_t = 0)]
+        best_of: usize,
     },
     /// The whole chain from the seed.
     All {
@@ -141,8 +145,9 @@ fn main() -> Result<()> {
         Cmd::Export { out, policy } => {
             run.export_step(&out.clone().unwrap_or_else(|| cli.run.join("package")), &preset()?, policy)?
         }
-        Cmd::Eval { studies, greedy, judge_run } => {
-            println!("{}", markdown(&run.eval_step(&preset()?, &SETTINGS, *studies, *greedy, judge_run.as_deref())?))
+        Cmd::Eval { studies, greedy, judge_run, best_of } => {
+            let rows = run.eval_step(&preset()?, &SETTINGS, *studies, *greedy, judge_run.as_deref(), *best_of)?;
+            println!("{}", markdown(&rows))
         }
         Cmd::All { synth, install } => {
             let p = preset()?;
@@ -152,7 +157,7 @@ fn main() -> Result<()> {
             run.judge_step(&p)?;
             run.sft_step(&p, false)?;
             run.grpo_step(&p)?;
-            let rows = run.eval_step(&p, &SETTINGS, true, false, None)?;
+            let rows = run.eval_step(&p, &SETTINGS, true, false, None, 0)?;
             println!("{}", markdown(&rows));
             let package = cli.run.join("package");
             run.export_step(&package, &p, best_policy(&rows))?;

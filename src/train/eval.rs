@@ -7,7 +7,7 @@ use super::generate::generate;
 use super::judge::{mean, Scorer};
 use super::model::Gpt;
 use super::sft::user_windows;
-use super::synth::{describe_surfaces, render_ugc, Annotation, Pref, Split, UserRecord, World};
+use super::synth::{describe_surfaces, render_ugc, Annotation, Pair, Pref, Split, UserRecord, World};
 use super::teacher::{conclude, conclude_shown, Rule, Stated};
 use crate::event::EventBody;
 use crate::prompt::{build_prompt, parse_output, NOT_PROVIDED};
@@ -249,6 +249,15 @@ pub fn audit_markdown(rows: &[AuditRow]) -> String {
     s
 }
 
+/// Best-of-N decoding: `candidates` samples per prompt, keeping the valid description under
+/// which the judge best explains the window's own comparisons (mean P(chosen), both orders).
+/// The criterion reads only what the service sees — the window — never held-out pairs.
+#[derive(Clone, Copy)]
+pub struct Rerank<'a> {
+    pub scorer: &'a Scorer<'a>,
+    pub candidates: usize,
+}
+
 /// Generation settings shared by the studies.
 pub struct Policy<'a> {
     pub model: &'a Gpt,
@@ -258,11 +267,21 @@ pub struct Policy<'a> {
     /// No-repeat n-gram size (0: off).
     pub no_repeat: usize,
     pub batch: usize,
+    pub rerank: Option<Rerank<'a>>,
+}
+
+/// A prompt and the window of signals it was built from.
+pub type Job<'e> = (String, Vec<&'e EventBody>);
+
+fn job<'e>(previous: Option<&str>, window: Vec<&'e EventBody>) -> Job<'e> {
+    (build_prompt(previous, window.iter().copied()), window)
 }
 
 impl Policy<'_> {
     /// Descriptions (None where the format check failed) for each prompt.
-    pub fn describe(&self, prompts: &[String], rng: &mut impl Rng) -> anyhow::Result<Vec<Option<String>>> {
+    pub fn describe(&self, jobs: &[Job], rng: &mut impl Rng) -> anyhow::Result<Vec<Option<String>>> {
+        let n = self.rerank.map_or(1, |r| r.candidates.max(1));
+        let prompts: Vec<&String> = jobs.iter().flat_map(|j| std::iter::repeat_n(&j.0, n)).collect();
         let mut out = Vec::with_capacity(prompts.len());
         for chunk in prompts.chunks(self.batch) {
             let ids: Vec<Vec<u32>> = chunk.iter().map(|p| self.tok.encode(p)).collect();
@@ -270,23 +289,58 @@ impl Policy<'_> {
                 out.push(parse_output(&g.text).description);
             }
         }
-        Ok(out)
+        let Some(r) = self.rerank.filter(|_| n > 1) else { return Ok(out) };
+        let evidence: Vec<Vec<Pair>> = jobs.iter().map(|j| window_pairs(&j.1)).collect();
+        let scored: Vec<(&str, &[Pair])> =
+            out.iter().enumerate().filter_map(|(i, d)| Some((d.as_deref()?, evidence[i / n].as_slice()))).collect();
+        let mut probs = r.scorer.many_chosen_probs(&scored)?.into_iter().map(|p| mean(&p));
+        let scores: Vec<Option<f32>> = out.iter().map(|d| d.as_ref().and_then(|_| probs.next())).collect();
+        Ok(out.chunks(n).zip(scores.chunks(n)).map(|(c, s)| pick_best(c, s)).collect())
     }
 
     /// Final descriptions of each user in one setting.
     pub fn run(&self, users: &[EvalUser], setting: Setting, rng: &mut impl Rng) -> anyhow::Result<Vec<Option<String>>> {
-        let base = |from, to| users.iter().map(|u| build_prompt(None, u.span(from, to))).collect::<Vec<_>>();
-        match setting {
-            Setting::Base4 => self.describe(&base(0, 4), rng),
-            Setting::Base8 => self.describe(&base(0, 8), rng),
+        let base = |from, to| users.iter().map(|u| job(None, u.span(from, to))).collect();
+        let jobs: Vec<Job> = match setting {
+            Setting::Base4 => base(0, 4),
+            Setting::Base8 => base(0, 8),
             Setting::Stream44 => {
                 let first = self.describe(&base(0, 4), rng)?;
-                let second: Vec<String> =
-                    users.iter().zip(&first).map(|(u, d)| build_prompt(d.as_deref(), u.span(4, 8))).collect();
-                self.describe(&second, rng)
+                users.iter().zip(&first).map(|(u, d)| job(d.as_deref(), u.span(4, 8))).collect()
+            }
+        };
+        self.describe(&jobs, rng)
+    }
+}
+
+/// The window's comparisons as judge pairs.
+fn window_pairs(window: &[&EventBody]) -> Vec<Pair> {
+    window
+        .iter()
+        .filter_map(|b| match b {
+            EventBody::Comparison { post, chosen, rejected } => Some(Pair {
+                post: post.clone(),
+                chosen: chosen.clone(),
+                rejected: rejected.clone(),
+                chosen_poles: vec![],
+                rejected_poles: vec![],
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The best-scored valid candidate (the first among equals); None if none is valid.
+pub fn pick_best(candidates: &[Option<String>], scores: &[Option<f32>]) -> Option<String> {
+    let mut best: Option<(usize, f32)> = None;
+    for (i, s) in scores.iter().enumerate() {
+        if let (Some(_), Some(s)) = (&candidates[i], s) {
+            if best.is_none_or(|(_, b)| *s > b) {
+                best = Some((i, *s));
             }
         }
     }
+    best.and_then(|(i, _)| candidates[i].clone())
 }
 
 /// Run the policy in one setting and score its final descriptions.
@@ -371,11 +425,11 @@ pub fn efficiency(
     let n = users.len().max(1) as f64;
     let mut prev: Vec<Option<String>> = vec![None; users.len()];
     let mut rows = Vec::new();
-    let tokens = |ps: &[String]| ps.iter().map(|p| policy.tok.encode(p).len()).sum::<usize>() as f64 / n;
+    let tokens = |ps: &[Job]| ps.iter().map(|p| policy.tok.encode(&p.0).len()).sum::<usize>() as f64 / n;
     for r in 1..=rounds {
-        let stream: Vec<String> =
-            users.iter().zip(&prev).map(|(u, d)| build_prompt(d.as_deref(), u.span(4 * (r - 1), 4 * r))).collect();
-        let base: Vec<String> = users.iter().map(|u| build_prompt(None, u.span(0, 4 * r))).collect();
+        let stream: Vec<Job> =
+            users.iter().zip(&prev).map(|(u, d)| job(d.as_deref(), u.span(4 * (r - 1), 4 * r))).collect();
+        let base: Vec<Job> = users.iter().map(|u| job(None, u.span(0, 4 * r))).collect();
         let t = Instant::now();
         prev = policy.describe(&stream, rng)?;
         let stream_ms = t.elapsed().as_secs_f64() * 1e3 / n;
@@ -410,4 +464,30 @@ pub fn markdown(rows: &[EvalRow]) -> String {
         ));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn best_of_n_keeps_the_best_scored_valid_candidate() {
+        let c = |s: &str| Some(s.to_string());
+        let cands = [None, c("a"), c("b"), c("c")];
+        // An invalid candidate never wins, whatever its score; the first of equals wins.
+        assert_eq!(pick_best(&cands, &[Some(0.9), Some(0.4), Some(0.7), Some(0.7)]), c("b"));
+        assert_eq!(pick_best(&cands, &[None, Some(0.5), Some(0.5), Some(0.5)]), c("a"));
+        assert_eq!(pick_best(&[None, None], &[None, None]), None);
+        // A window without comparisons scores every candidate alike: the first valid one.
+        assert_eq!(pick_best(&cands, &[None, Some(0.0), Some(0.0), Some(0.0)]), c("a"));
+    }
+
+    #[test]
+    fn window_pairs_are_the_windows_comparisons() {
+        let cmp = EventBody::Comparison { post: "p".into(), chosen: "a".into(), rejected: "b".into() };
+        let ugc = EventBody::Ugc { text: "t".into() };
+        let pairs = window_pairs(&[&ugc, &cmp, &EventBody::Forget]);
+        assert_eq!(pairs.len(), 1);
+        assert_eq!((pairs[0].chosen.as_str(), pairs[0].rejected.as_str()), ("a", "b"));
+    }
 }

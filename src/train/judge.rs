@@ -138,24 +138,14 @@ impl Scorer<'_> {
         Ok(out)
     }
 
-    /// Acc_jud indicator per pair, scored in both A/B orders: 1 if the averaged probability of
-    /// the chosen response is above one half, 0.5 on an exact tie, else 0.
-    pub fn pair_scores(&self, description: &str, pairs: &[Pair]) -> Result<Vec<f32>> {
-        let items: Vec<_> = pairs
-            .iter()
-            .flat_map(|p| {
-                [
-                    (description, p.chosen.as_str(), p.rejected.as_str()),
-                    (description, p.rejected.as_str(), p.chosen.as_str()),
-                ]
-            })
-            .collect();
-        let probs = self.prob_a(&items)?;
-        Ok(probs.chunks(2).map(|c| indicator((c[0] + 1.0 - c[1]) / 2.0)).collect())
+    /// Acc_jud indicator per pair of each job, scored in both A/B orders: 1 if the averaged
+    /// probability of the chosen response is above one half, 0.5 on an exact tie, else 0.
+    pub fn many_pair_scores(&self, jobs: &[(&str, &[Pair])]) -> Result<Vec<Vec<f32>>> {
+        Ok(self.many_chosen_probs(jobs)?.into_iter().map(|v| v.into_iter().map(indicator).collect()).collect())
     }
 
-    /// Many descriptions at once: one score vector per (description, pairs).
-    pub fn many_pair_scores(&self, jobs: &[(&str, &[Pair])]) -> Result<Vec<Vec<f32>>> {
+    /// P(the chosen response), averaged over both A/B orders, per pair of each job.
+    pub fn many_chosen_probs(&self, jobs: &[(&str, &[Pair])]) -> Result<Vec<Vec<f32>>> {
         let items: Vec<_> = jobs
             .iter()
             .flat_map(|(d, pairs)| {
@@ -165,7 +155,7 @@ impl Scorer<'_> {
             })
             .collect();
         let probs = self.prob_a(&items)?;
-        let mut it = probs.chunks(2).map(|c| indicator((c[0] + 1.0 - c[1]) / 2.0));
+        let mut it = probs.chunks(2).map(|c| (c[0] + 1.0 - c[1]) / 2.0);
         Ok(jobs.iter().map(|(_, pairs)| it.by_ref().take(pairs.len()).collect()).collect())
     }
 }

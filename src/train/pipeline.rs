@@ -3,7 +3,7 @@
 
 use super::eval::{
     audit_markdown, audit_row, efficiency, eval_policy, markdown, reference_rows, robustness, teacher_rule_rows,
-    test_users, EfficiencyRow, EvalRow, Policy, RobustRow, Setting, SETTINGS,
+    test_users, EfficiencyRow, EvalRow, Policy, Rerank, RobustRow, Setting, SETTINGS,
 };
 use super::judge::{train_judge, Judge, JudgeConfig, Scorer};
 use super::model::{Gpt, GptConfig};
@@ -421,6 +421,7 @@ impl Run {
         studies: bool,
         greedy: bool,
         judge_run: Option<&Path>,
+        best_of: usize,
     ) -> Result<Vec<EvalRow>> {
         let world = self.world()?;
         let tok = self.tokenizer()?;
@@ -429,6 +430,10 @@ impl Run {
         let judge_tok = judge_src.tokenizer()?;
         let (judge, _) = judge_src.load_judge()?;
         let scorer = Scorer { judge: &judge, tok: &judge_tok, device: Device::Cpu };
+        // Best-of-N reranks with this run's own judge (the one its package ships), so that
+        // `--judge-run` scores the reranked descriptions with a judge that did not pick them.
+        let (own_judge, _) = self.load_judge()?;
+        let own = Scorer { judge: &own_judge, tok: &tok, device: Device::Cpu };
         let users = test_users(&world, preset.eval_users);
         let mut rows = reference_rows(&scorer, &users)?;
         let mut rng = self.rng(4);
@@ -448,7 +453,7 @@ impl Run {
             .filter(|m| self.path(&format!("{}.safetensors", m.1)).exists())
             .collect();
         let pb = bar("eval");
-        pb.set_length((settings.len() * methods.len()) as u64);
+        pb.set_length((settings.len() * methods.len() * if best_of > 1 { 2 } else { 1 }) as u64);
         let (mut samples, mut robust, mut timing) = (Vec::new(), Vec::new(), Vec::new());
         for (method, name) in methods {
             let (model, _) = self.load_policy(name)?;
@@ -459,9 +464,14 @@ impl Run {
                 max_new: preset.max_new_tokens,
                 no_repeat: preset.no_repeat_ngram,
                 batch: 32,
+                rerank: None,
             };
-            for &s in settings {
-                let (row, descs) = eval_policy(method, &policy, &scorer, &users, s, &mut rng)?;
+            let ranked = Policy { rerank: Some(Rerank { scorer: &own, candidates: best_of }), ..policy };
+            let ranked_name = format!("{method}, best of {best_of}");
+            let variants =
+                [(method, &policy)].into_iter().chain((best_of > 1).then_some((ranked_name.as_str(), &ranked)));
+            for (&s, (method, policy)) in settings.iter().flat_map(|s| variants.clone().map(move |v| (s, v))) {
+                let (row, descs) = eval_policy(method, policy, &scorer, &users, s, &mut rng)?;
                 tracing::info!(
                     method,
                     setting = s.name(),
