@@ -432,8 +432,8 @@ impl Run {
         let scorer = Scorer { judge: &judge, tok: &judge_tok, device: Device::Cpu };
         // Best-of-N reranks with this run's own judge (the one its package ships), so that
         // `--judge-run` scores the reranked descriptions with a judge that did not pick them.
-        let (own_judge, _) = self.load_judge()?;
-        let own = Scorer { judge: &own_judge, tok: &tok, device: Device::Cpu };
+        let own_judge = if other.is_some() { Some(self.load_judge()?.0) } else { None };
+        let own = Scorer { judge: own_judge.as_ref().unwrap_or(&judge), tok: &tok, device: Device::Cpu };
         let users = test_users(&world, preset.eval_users);
         let mut rows = reference_rows(&scorer, &users)?;
         let mut rng = self.rng(4);
@@ -453,7 +453,8 @@ impl Run {
             .filter(|m| self.path(&format!("{}.safetensors", m.1)).exists())
             .collect();
         let pb = bar("eval");
-        pb.set_length((settings.len() * methods.len() * if best_of > 1 { 2 } else { 1 }) as u64);
+        let ranked = best_of > 1;
+        pb.set_length((settings.len() * methods.len() * (1 + usize::from(ranked))) as u64);
         let (mut samples, mut robust, mut timing) = (Vec::new(), Vec::new(), Vec::new());
         for (method, name) in methods {
             let (model, _) = self.load_policy(name)?;
@@ -466,11 +467,13 @@ impl Run {
                 batch: 32,
                 rerank: None,
             };
-            let ranked = Policy { rerank: Some(Rerank { scorer: &own, candidates: best_of }), ..policy };
+            let ranked_policy = Policy { rerank: Some(Rerank { scorer: &own, candidates: best_of }), ..policy };
             let ranked_name = format!("{method}, best of {best_of}");
-            let variants =
-                [(method, &policy)].into_iter().chain((best_of > 1).then_some((ranked_name.as_str(), &ranked)));
-            for (&s, (method, policy)) in settings.iter().flat_map(|s| variants.clone().map(move |v| (s, v))) {
+            let mut variants = vec![(method, &policy)];
+            if ranked {
+                variants.push((ranked_name.as_str(), &ranked_policy));
+            }
+            for (&s, &(method, policy)) in settings.iter().flat_map(|s| variants.iter().map(move |v| (s, v))) {
                 let (row, descs) = eval_policy(method, policy, &scorer, &users, s, &mut rng)?;
                 tracing::info!(
                     method,
