@@ -145,13 +145,8 @@ fn import_record(
         bail!("record is not a JSON object");
     }
     let user_id = format!("alignx-{index}");
-    let test_pair = Pair {
-        post: str_field(record, "prompt")?.to_string(),
-        chosen: str_field(record, "chosen")?.to_string(),
-        rejected: str_field(record, "rejected")?.to_string(),
-        chosen_poles: Vec::new(),
-        rejected_poles: Vec::new(),
-    };
+    let test_pair =
+        Pair::unannotated(str_field(record, "prompt")?, str_field(record, "chosen")?, str_field(record, "rejected")?);
     let prefs = match record.get(DIRECTION_FIELD) {
         None | Some(Value::Null) => Vec::new(),
         Some(v) => parse_direction(v).with_context(|| format!("field `{DIRECTION_FIELD}`"))?,

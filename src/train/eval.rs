@@ -318,13 +318,7 @@ fn window_pairs(window: &[&EventBody]) -> Vec<Pair> {
     window
         .iter()
         .filter_map(|b| match b {
-            EventBody::Comparison { post, chosen, rejected } => Some(Pair {
-                post: post.clone(),
-                chosen: chosen.clone(),
-                rejected: rejected.clone(),
-                chosen_poles: vec![],
-                rejected_poles: vec![],
-            }),
+            EventBody::Comparison { post, chosen, rejected } => Some(Pair::unannotated(post, chosen, rejected)),
             _ => None,
         })
         .collect()

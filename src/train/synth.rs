@@ -37,6 +37,19 @@ pub struct Pair {
     pub rejected_poles: Vec<Pref>,
 }
 
+impl Pair {
+    /// A pair whose poles are unknown (imported data, or a live window's comparison).
+    pub fn unannotated(post: &str, chosen: &str, rejected: &str) -> Self {
+        Self {
+            post: post.into(),
+            chosen: chosen.into(),
+            rejected: rejected.into(),
+            chosen_poles: Vec::new(),
+            rejected_poles: Vec::new(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct UserRecord {
     pub user_id: String,
