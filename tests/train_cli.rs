@@ -22,7 +22,7 @@ fn quick_chain_builds_a_complete_package() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     let install = dir.path().join("pkg");
-    let out = train(&run, &["all", "--install", install.to_str().unwrap()]);
+    let out = train(&run, &["all", "--studies", "--install", install.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     for f in ["model.onnx", "judge.onnx", "tokenizer.json", "manifest.json"] {
         assert!(install.join(f).metadata().unwrap().len() > 0, "{f} missing");
@@ -80,6 +80,13 @@ fn quick_chain_builds_a_complete_package() {
     // eval.md adds the audit: three more rows for the rule
     let file = std::fs::read_to_string(run.join("eval.md")).unwrap();
     assert_eq!(file.matches("| Teacher rule (prompt only, 4 poles) |").count(), 6, "{file}");
+    // The tally rule (labels, repeats marked) is scored the same way.
+    preset["teacher_tally"] = true.into();
+    std::fs::write(&preset_path, preset.to_string()).unwrap();
+    let tally = train_with_preset(&run, &["eval"]);
+    assert!(tally.status.success(), "{}", String::from_utf8_lossy(&tally.stderr));
+    let tally = String::from_utf8_lossy(&tally.stdout);
+    assert_eq!(tally.matches("| Teacher rule (tally, 4 poles) |").count(), 3, "{tally}");
 
     // Another run's judge: this run's own, named explicitly, reproduces the reference rows;
     // a directory without a judge is an error that names what is missing.

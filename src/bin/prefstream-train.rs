@@ -99,6 +99,9 @@ enum Cmd {
         /// Also copy the finished package here (e.g. onnx/).
         #[arg(long, env = "PREFSTREAM_INSTALL")]
         install: Option<PathBuf>,
+        /// Also the robustness and efficiency studies (≈ 7 min; `eval --studies` runs them later).
+        #[arg(long, env = "PREFSTREAM_STUDIES")]
+        studies: bool,
     },
 }
 
@@ -149,7 +152,7 @@ fn main() -> Result<()> {
             let rows = run.eval_step(&preset()?, &SETTINGS, *studies, *greedy, judge_run.as_deref(), *best_of)?;
             println!("{}", markdown(&rows))
         }
-        Cmd::All { synth, install } => {
+        Cmd::All { synth, install, studies } => {
             let p = preset()?;
             run.set_preset(&p)?;
             run.synth(&synth_cfg(synth, &p, cli.seed), synth.alignx.as_deref())?;
@@ -157,7 +160,7 @@ fn main() -> Result<()> {
             run.judge_step(&p)?;
             run.sft_step(&p, false)?;
             run.grpo_step(&p)?;
-            let rows = run.eval_step(&p, &SETTINGS, true, false, None, 0)?;
+            let rows = run.eval_step(&p, &SETTINGS, *studies, false, None, 0)?;
             println!("{}", markdown(&rows));
             let package = cli.run.join("package");
             run.export_step(&package, &p, best_policy(&rows))?;

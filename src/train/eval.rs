@@ -8,7 +8,7 @@ use super::judge::{mean, Scorer};
 use super::model::Gpt;
 use super::sft::user_windows;
 use super::synth::{describe_surfaces, render_ugc, Annotation, Pair, Pref, Split, UserRecord, World};
-use super::teacher::{conclude, conclude_shown, Rule, Stated};
+use super::teacher::{Rule, Stated};
 use crate::event::EventBody;
 use crate::prompt::{build_prompt, parse_output, NOT_PROVIDED};
 use crate::sampling::SamplingParams;
@@ -45,6 +45,8 @@ pub struct EvalRow {
     pub method: String,
     pub setting: String,
     pub acc_jud: f32,
+    /// Standard error of `acc_jud` over users.
+    pub se: f32,
     pub format_rate: f32,
     pub users: usize,
     pub pairs: usize,
@@ -113,7 +115,13 @@ pub fn test_users(world: &World, limit: usize) -> Vec<EvalUser> {
         .collect()
 }
 
-fn score_descriptions(scorer: &Scorer, users: &[EvalUser], descs: &[Option<String>]) -> anyhow::Result<(f32, usize)> {
+/// Acc_jud of one description per user: the mean over every user's pairs, and its standard
+/// error over users (a user's pairs share one description, so users are the independent draws).
+fn score_descriptions(
+    scorer: &Scorer,
+    users: &[EvalUser],
+    descs: &[Option<String>],
+) -> anyhow::Result<(f32, f32, usize)> {
     let jobs: Vec<(&str, &[_])> = users
         .iter()
         .zip(descs)
@@ -121,9 +129,20 @@ fn score_descriptions(scorer: &Scorer, users: &[EvalUser], descs: &[Option<Strin
         .collect();
     let scores = scorer.many_pair_scores(&jobs)?;
     // A description that failed the format check scores 0 (R = R_jud · R_format).
-    let all: Vec<f32> =
-        scores.iter().zip(descs).flat_map(|(s, d)| s.iter().map(move |&x| if d.is_some() { x } else { 0.0 })).collect();
-    Ok((mean(&all), all.len()))
+    let per_user: Vec<Vec<f32>> =
+        scores.iter().zip(descs).map(|(s, d)| s.iter().map(|&x| if d.is_some() { x } else { 0.0 }).collect()).collect();
+    let all: Vec<f32> = per_user.iter().flatten().copied().collect();
+    Ok((mean(&all), standard_error(&per_user.iter().map(|s| mean(s)).collect::<Vec<_>>()), all.len()))
+}
+
+/// Standard error of the mean of `xs` (sample standard deviation / √n); 0 below two values.
+pub fn standard_error(xs: &[f32]) -> f32 {
+    let n = xs.len() as f32;
+    if xs.len() < 2 {
+        return 0.0;
+    }
+    let m = mean(xs);
+    (xs.iter().map(|x| (x - m).powi(2)).sum::<f32>() / (n - 1.0) / n).sqrt()
 }
 
 /// Reference rows that need no policy: Null, raw signals E (8 signals as the description), Golden.
@@ -141,11 +160,12 @@ pub fn reference_rows(scorer: &Scorer, users: &[EvalUser]) -> anyhow::Result<Vec
     ];
     sets.into_iter()
         .map(|(name, descs)| {
-            let (acc, pairs) = score_descriptions(scorer, users, &descs)?;
+            let (acc, se, pairs) = score_descriptions(scorer, users, &descs)?;
             Ok(EvalRow {
                 method: name.into(),
                 setting: "-".into(),
                 acc_jud: acc,
+                se,
                 format_rate: 1.0,
                 users: users.len(),
                 pairs,
@@ -166,10 +186,7 @@ pub fn teacher_descriptions(
     users
         .iter()
         .map(|u| {
-            let conclude = |prev: &[Stated], from, to| match rule {
-                Rule::KeyDims => conclude(&u.user, prev, &u.annotated(from, to)),
-                Rule::Shown { cap } => conclude_shown(prev, &u.annotated(from, to), cap),
-            };
+            let conclude = |prev: &[Stated], from, to| rule.conclude(&u.user, prev, &u.annotated(from, to));
             let prefs = match setting {
                 Setting::Base4 => conclude(&[], 0, 4),
                 Setting::Base8 => conclude(&[], 0, 8),
@@ -192,15 +209,17 @@ pub fn teacher_rule_rows(
     let method = match rule {
         Rule::KeyDims => "Teacher (sees key dimensions)".to_string(),
         Rule::Shown { cap } => format!("Teacher rule (prompt only, {cap} poles)"),
+        Rule::Tally { cap } => format!("Teacher rule (tally, {cap} poles)"),
     };
     let mut rows = Vec::new();
     for &s in settings {
         let descs = teacher_descriptions(users, s, rule, rng);
-        let (acc, pairs) = score_descriptions(scorer, users, &descs)?;
+        let (acc, se, pairs) = score_descriptions(scorer, users, &descs)?;
         let row = EvalRow {
             method: method.clone(),
             setting: s.name().into(),
             acc_jud: acc,
+            se,
             format_rate: 1.0,
             users: users.len(),
             pairs,
@@ -347,12 +366,13 @@ pub fn eval_policy(
     rng: &mut impl Rng,
 ) -> anyhow::Result<(EvalRow, Vec<Option<String>>)> {
     let descs = policy.run(users, setting, rng)?;
-    let (acc, pairs) = score_descriptions(scorer, users, &descs)?;
+    let (acc, se, pairs) = score_descriptions(scorer, users, &descs)?;
     let ok = descs.iter().filter(|d| d.is_some()).count() as f32 / descs.len().max(1) as f32;
     let row = EvalRow {
         method: method.into(),
         setting: setting.name().into(),
         acc_jud: acc,
+        se,
         format_rate: ok,
         users: users.len(),
         pairs,
@@ -444,14 +464,15 @@ pub fn efficiency(
 
 pub fn markdown(rows: &[EvalRow]) -> String {
     let mut s = String::from(
-        "| method | setting | Acc_jud (%) | format ok (%) | users | pairs |\n|---|---|---:|---:|---:|---:|\n",
+        "| method | setting | Acc_jud (%) | ± SE | format ok (%) | users | pairs |\n|---|---|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         s.push_str(&format!(
-            "| {} | {} | {:.2} | {:.1} | {} | {} |\n",
+            "| {} | {} | {:.2} | {:.2} | {:.1} | {} | {} |\n",
             r.method,
             r.setting,
             100.0 * r.acc_jud,
+            100.0 * r.se,
             100.0 * r.format_rate,
             r.users,
             r.pairs
@@ -483,5 +504,13 @@ mod tests {
         let pairs = window_pairs(&[&ugc, &cmp, &EventBody::Forget]);
         assert_eq!(pairs.len(), 1);
         assert_eq!((pairs[0].chosen.as_str(), pairs[0].rejected.as_str()), ("a", "b"));
+    }
+
+    #[test]
+    fn standard_error_is_the_sample_deviation_over_root_n() {
+        // sd of [0, 1, 0, 1] is √(1/3); over √4.
+        assert!((standard_error(&[0.0, 1.0, 0.0, 1.0]) - (1.0f32 / 3.0).sqrt() / 2.0).abs() < 1e-6);
+        assert_eq!(standard_error(&[0.5, 0.5, 0.5]), 0.0);
+        assert_eq!(standard_error(&[0.7]), 0.0);
     }
 }

@@ -41,9 +41,12 @@ pub struct Preset {
     pub sft_steps: usize,
     /// The cold-start teacher's rule: 0 concludes from the user's key dimensions (the paper's
     /// teacher); n > 0 from the prompt alone, keeping the first n poles by rank
-    /// (`teacher::conclude_shown`).
+    /// (`teacher::conclude_shown`), or with `teacher_tally` by the tally rule, in pole labels
+    /// (`teacher::conclude_tally`).
     #[serde(default)]
     pub teacher_cap: usize,
+    #[serde(default)]
+    pub teacher_tally: bool,
     pub sft_batch: usize,
     pub sft_lr: f64,
     pub grpo_steps: usize,
@@ -69,9 +72,10 @@ pub struct Preset {
 
 impl Preset {
     pub fn teacher_rule(&self) -> teacher::Rule {
-        match self.teacher_cap {
-            0 => teacher::Rule::KeyDims,
-            cap => teacher::Rule::Shown { cap },
+        match (self.teacher_cap, self.teacher_tally) {
+            (0, _) => teacher::Rule::KeyDims,
+            (cap, false) => teacher::Rule::Shown { cap },
+            (cap, true) => teacher::Rule::Tally { cap },
         }
     }
 
@@ -92,6 +96,7 @@ impl Preset {
             sft_copy_steps: 1200,
             sft_steps: 1000,
             teacher_cap: 0,
+            teacher_tally: false,
             sft_batch: 12,
             sft_lr: 2e-3,
             grpo_steps: 20,
@@ -125,6 +130,7 @@ impl Preset {
             sft_copy_steps: 4,
             sft_steps: 8,
             teacher_cap: 0,
+            teacher_tally: false,
             sft_batch: 8,
             sft_lr: 2e-3,
             grpo_steps: 2,
@@ -347,7 +353,8 @@ impl Run {
         if from_copy {
             vars.load(self.path("policy_copy.safetensors")).context("loading policy_copy.safetensors")?;
         } else if preset.sft_copy_steps > 0 {
-            let copy = sft::tokenize(&sft::copy_examples(&world, &mut rng), &tok, cfg.max_positions);
+            let copy =
+                sft::tokenize(&sft::copy_examples(&world, preset.teacher_rule(), &mut rng), &tok, cfg.max_positions);
             let (valid, train) = holdout(&copy);
             tracing::info!(examples = copy.len(), steps = preset.sft_copy_steps, "copy warm-up (one signal each)");
             let tc = TrainConfig { steps: preset.sft_copy_steps, batch: 16, lr: 2e-3, warmup: 20 };
@@ -439,8 +446,8 @@ impl Run {
         let mut rng = self.rng(4);
         let mut audits = Vec::new();
         let mut rules = vec![teacher::Rule::KeyDims];
-        if let rule @ teacher::Rule::Shown { .. } = preset.teacher_rule() {
-            rules.push(rule);
+        if preset.teacher_rule() != teacher::Rule::KeyDims {
+            rules.push(preset.teacher_rule());
         }
         for rule in rules {
             for (row, audit) in teacher_rule_rows(&scorer, &users, settings, rule, &mut rng)? {
@@ -568,7 +575,15 @@ mod tests {
     use super::*;
 
     fn row(method: &str, setting: Setting, acc_jud: f32) -> EvalRow {
-        EvalRow { method: method.into(), setting: setting.name().into(), acc_jud, format_rate: 1.0, users: 1, pairs: 8 }
+        EvalRow {
+            method: method.into(),
+            setting: setting.name().into(),
+            acc_jud,
+            se: 0.0,
+            format_rate: 1.0,
+            users: 1,
+            pairs: 8,
+        }
     }
 
     #[test]

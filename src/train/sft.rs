@@ -116,13 +116,13 @@ pub fn build_examples(
 /// Copy warm-up data: one signal per example from every train user, the target quoting every
 /// pole the signal shows (`teacher::observe`). Short sequences, so steps are cheap; a tiny
 /// decoder trained on the 4-signal task alone never learned to copy within the budget.
-pub fn copy_examples(world: &World, rng: &mut impl Rng) -> Vec<SftExample> {
+pub fn copy_examples(world: &World, rule: Rule, rng: &mut impl Rng) -> Vec<SftExample> {
     let train: std::collections::HashSet<&str> =
         world.users.iter().filter(|u| u.split == Split::Train).map(|u| u.user_id.as_str()).collect();
     annotated(world)
         .filter(|(e, _)| train.contains(e.user_id.as_str()))
         .map(|(e, a)| {
-            let c = observe(&[(&e.body, a)], rng);
+            let c = observe(&[(&e.body, a)], rule, rng);
             SftExample {
                 user_id: e.user_id.clone(),
                 streaming: false,

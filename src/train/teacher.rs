@@ -27,8 +27,9 @@ fn joined(items: &[Stated]) -> String {
     items.iter().map(|s| s.1.as_str()).collect::<Vec<_>>().join(", ")
 }
 
-/// What each signal shows: the chosen response's poles (or the user's own text's), in its words.
-fn shown(sig: &Signal) -> Vec<Stated> {
+/// What each signal shows: the chosen response's poles (or the user's own text's), in its words
+/// or, with `labels`, as each pole's label (so a pole seen twice is an exact repeat).
+fn shown(sig: &Signal, labels: bool) -> Vec<Stated> {
     let (text, poles) = match sig.0 {
         EventBody::Comparison { chosen, .. } => (chosen.as_str(), &sig.1.chosen_poles),
         EventBody::Ugc { text } => (text.as_str(), &sig.1.ugc_poles),
@@ -36,9 +37,12 @@ fn shown(sig: &Signal) -> Vec<Stated> {
     };
     let mut out: Vec<(usize, Stated)> = poles
         .iter()
-        .map(|p| match surface_in(text, p) {
-            Some((at, words)) => (at, (p.clone(), words.to_string())),
-            None => (usize::MAX, (p.clone(), super::dims::pole(p.dim, p.dir).label.to_string())),
+        .map(|p| {
+            let label = super::dims::pole(p.dim, p.dir).label;
+            match surface_in(text, p) {
+                Some((at, words)) => (at, (p.clone(), if labels { label } else { words }.to_string())),
+                None => (usize::MAX, (p.clone(), label.to_string())),
+            }
         })
         .collect();
     // In the order the text says them: the evidence line is then an in-order copy.
@@ -46,13 +50,32 @@ fn shown(sig: &Signal) -> Vec<Stated> {
     out.into_iter().map(|o| o.1).collect()
 }
 
-fn evidence(window: &[Signal]) -> Vec<String> {
+fn is_ugc(sig: &Signal) -> bool {
+    matches!(sig.0, EventBody::Ugc { .. })
+}
+
+/// One line per signal. With `marks`, a pole the window already showed is followed by
+/// "again", so the tally rule's "seen twice" is decided next to the words (`conclude_tally`).
+fn evidence(window: &[Signal], labels: bool, marks: bool) -> Vec<String> {
+    let mut seen: Vec<Pref> = Vec::new();
     window
         .iter()
         .enumerate()
         .map(|(i, sig)| {
-            let verb = if matches!(sig.0, EventBody::Ugc { .. }) { "wrote about" } else { "chose" };
-            format!("{}: {verb} {}.", i + 1, joined(&shown(sig)))
+            let verb = if is_ugc(sig) { "wrote about" } else { "chose" };
+            let items: Vec<String> = shown(sig, labels)
+                .into_iter()
+                .map(|(p, words)| {
+                    let again = marks && seen.contains(&p);
+                    seen.push(p);
+                    if again {
+                        format!("{words} again")
+                    } else {
+                        words
+                    }
+                })
+                .collect();
+            format!("{}: {verb} {}.", i + 1, items.join(", "))
         })
         .collect()
 }
@@ -65,7 +88,7 @@ fn evidence(window: &[Signal]) -> Vec<String> {
 pub fn conclude(user: &UserRecord, prev: &[Stated], window: &[Signal]) -> Vec<Stated> {
     let mut out: Vec<Stated> = prev.to_vec();
     for sig in window {
-        for (p, words) in shown(sig) {
+        for (p, words) in shown(sig, false) {
             let known = out.iter().any(|q| q.0.dim == p.dim);
             if !known && user.prefs.contains(&p) {
                 out.push((p, words));
@@ -75,8 +98,11 @@ pub fn conclude(user: &UserRecord, prev: &[Stated], window: &[Signal]) -> Vec<St
     out
 }
 
-fn mistake(prefs: &mut Vec<Stated>, window: &[Signal], rng: &mut impl Rng) {
-    match rng.gen_range(0..3) {
+/// A realistic mistake. In labels (the tally rule) never a flipped stance: the judge filter
+/// would keep a flip only where it matches the hidden truth, which teaches the student to
+/// flip at random (attempt 11).
+fn mistake(prefs: &mut Vec<Stated>, window: &[Signal], labels: bool, rng: &mut impl Rng) {
+    match rng.gen_range(usize::from(labels)..3) {
         0 if !prefs.is_empty() => {
             let i = rng.gen_range(0..prefs.len());
             let flipped = Pref { dim: prefs[i].0.dim, dir: -prefs[i].0.dir };
@@ -86,8 +112,11 @@ fn mistake(prefs: &mut Vec<Stated>, window: &[Signal], rng: &mut impl Rng) {
             prefs.remove(rng.gen_range(0..prefs.len()));
         }
         _ => {
-            let seen: Vec<Stated> =
-                window.iter().flat_map(shown).filter(|p| !prefs.iter().any(|q| q.0.dim == p.0.dim)).collect();
+            let seen: Vec<Stated> = window
+                .iter()
+                .flat_map(|s| shown(s, labels))
+                .filter(|p| !prefs.iter().any(|q| q.0.dim == p.0.dim))
+                .collect();
             if let Some(p) = seen.choose(rng) {
                 prefs.push(p.clone());
             }
@@ -106,8 +135,8 @@ pub fn conclude_shown(prev: &[Stated], window: &[Signal], cap: usize) -> Vec<Sta
     // rank: 2 user's own text, 1 previous description, 0 a chosen response
     let mut items: Vec<(Stated, u8)> = prev.iter().map(|s| (s.clone(), 1)).collect();
     for sig in window {
-        let rank = if matches!(sig.0, EventBody::Ugc { .. }) { 2 } else { 0 };
-        for s in shown(sig) {
+        let rank = if is_ugc(sig) { 2 } else { 0 };
+        for s in shown(sig, false) {
             let mut r = rank;
             if let Some(i) = items.iter().position(|q| q.0 .0.dim == s.0.dim) {
                 let old = items.remove(i);
@@ -124,12 +153,72 @@ pub fn conclude_shown(prev: &[Stated], window: &[Signal], cap: usize) -> Vec<Sta
     order.into_iter().take(cap).map(|i| items[i].0.clone()).collect()
 }
 
+/// A conclusion the student can reproduce from its prompt alone, in pole labels: a tally per
+/// dimension, signed by stance — the previous preferences and what the user wrote count 2, a
+/// chosen response 1 — keeping the dimensions at 2 or more: the previous preferences (unless
+/// the window contradicts them), what the user wrote, and poles the new choices show twice.
+/// A pole of a dimension the user does not care about rarely shows twice in a window, one the
+/// user cares about often does, and the evidence lines mark the second sighting ("again"), so
+/// the choice is visible where the student writes it. The previous preferences keep their
+/// order, new ones follow in the order they reached 2; at most the last `cap` are kept.
+pub fn conclude_tally(prev: &[Stated], window: &[Signal], cap: usize) -> Vec<Stated> {
+    // (pole as tallied, score signed towards that pole)
+    let mut items: Vec<(Pref, i32)> = prev.iter().map(|s| (s.0.clone(), 2)).collect();
+    let mut kept: Vec<usize> = (0..items.len()).collect();
+    for sig in window {
+        let weight = if is_ugc(sig) { 2 } else { 1 };
+        for (p, _) in shown(sig, true) {
+            let i = match items.iter().position(|q| q.0.dim == p.dim) {
+                Some(i) => i,
+                None => {
+                    items.push((p.clone(), 0));
+                    items.len() - 1
+                }
+            };
+            let item = &mut items[i];
+            item.1 += if item.0 == p { weight } else { -weight };
+            if item.1 < 0 {
+                *item = (p.clone(), -item.1);
+            }
+            if items[i].1 < 2 {
+                kept.retain(|&k| k != i);
+            } else if !kept.contains(&i) {
+                // a previous preference keeps its place; a new one joins at the end
+                let at =
+                    if i < prev.len() { kept.iter().position(|&k| k > i).unwrap_or(kept.len()) } else { kept.len() };
+                kept.insert(at, i);
+            }
+        }
+    }
+    let label = |p: &Pref| super::dims::pole(p.dim, p.dir).label.to_string();
+    let out: Vec<Stated> = kept.iter().map(|&i| (items[i].0.clone(), label(&items[i].0))).collect();
+    out[out.len().saturating_sub(cap)..].to_vec()
+}
+
 /// How the teacher concludes: from the user's key dimensions (the paper's teacher, which the
-/// student cannot see) or from the prompt alone (`conclude_shown` with this cap).
+/// student cannot see), or from the prompt alone (`conclude_shown` or `conclude_tally` with
+/// this cap).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Rule {
     KeyDims,
     Shown { cap: usize },
+    Tally { cap: usize },
+}
+
+impl Rule {
+    /// The tally rule states poles as labels, so that a repeat is exact.
+    fn labels(self) -> bool {
+        matches!(self, Rule::Tally { .. })
+    }
+
+    /// The careful conclusion for `window` after `prev`.
+    pub fn conclude(self, user: &UserRecord, prev: &[Stated], window: &[Signal]) -> Vec<Stated> {
+        match self {
+            Rule::KeyDims => conclude(user, prev, window),
+            Rule::Shown { cap } => conclude_shown(prev, window, cap),
+            Rule::Tally { cap } => conclude_tally(prev, window, cap),
+        }
+    }
 }
 
 /// `g` candidates for one window; the first is the careful one, the others err with
@@ -143,16 +232,14 @@ pub fn teach(
     error_rate: f64,
     rng: &mut impl Rng,
 ) -> Vec<Candidate> {
-    let lines = evidence(window);
-    let careful = match rule {
-        Rule::KeyDims => conclude(user, prev, window),
-        Rule::Shown { cap } => conclude_shown(prev, window, cap),
-    };
+    let labels = rule.labels();
+    let lines = evidence(window, labels, labels);
+    let careful = rule.conclude(user, prev, window);
     (0..g)
         .map(|i| {
             let mut prefs = careful.clone();
             if i > 0 && rng.gen_bool(error_rate) {
-                mistake(&mut prefs, window, rng);
+                mistake(&mut prefs, window, labels, rng);
             }
             candidate(&lines, prefs, rng)
         })
@@ -172,9 +259,10 @@ fn candidate(lines: &[String], prefs: Vec<Stated>, rng: &mut impl Rng) -> Candid
 
 /// The copy warm-up's target for a few signals: the evidence lines and every pole they show,
 /// in the signals' own words. A function of the prompt alone, so a small student can learn to
-/// quote before it learns to select (see `sft::copy_examples`).
-pub fn observe(window: &[Signal], rng: &mut impl Rng) -> Candidate {
-    candidate(&evidence(window), window.iter().flat_map(shown).collect(), rng)
+/// quote before it learns to select (see `sft::copy_examples`). In `rule`'s words.
+pub fn observe(window: &[Signal], rule: Rule, rng: &mut impl Rng) -> Candidate {
+    let labels = rule.labels();
+    candidate(&evidence(window, labels, labels), window.iter().flat_map(|s| shown(s, labels)).collect(), rng)
 }
 
 #[cfg(test)]
@@ -241,6 +329,47 @@ mod tests {
     }
 
     #[test]
+    fn tally_rule_keeps_what_the_user_wrote_repeats_and_uncontradicted_past() {
+        let ph = |d: usize, dir: i8| pole(d, dir).phrases[0];
+        let label = |d: usize, dir: i8| pole(d, dir).label;
+        let text = |ps: &[(usize, i8)]| ps.iter().map(|&(d, dir)| format!("Try {}.", ph(d, dir))).collect::<String>();
+        let prefs = |ps: &[(usize, i8)]| ps.iter().map(|&(dim, dir)| Pref { dim, dir }).collect::<Vec<_>>();
+        let cmp =
+            |ps: &[(usize, i8)]| EventBody::Comparison { post: "p".into(), chosen: text(ps), rejected: "y".into() };
+        let bodies = [
+            cmp(&[(3, 1), (7, 1)]),
+            EventBody::Ugc { text: text(&[(20, 1)]) },
+            cmp(&[(3, 1), (9, 1)]),
+            cmp(&[(50, 1)]),
+        ];
+        let anns = [
+            ann(prefs(&[(3, 1), (7, 1)])),
+            Annotation { ugc_poles: prefs(&[(20, 1)]), ..Annotation::unknown("e", "u") },
+            ann(prefs(&[(3, 1), (9, 1)])),
+            ann(prefs(&[(50, 1)])),
+        ];
+        let w: Vec<Signal> = bodies.iter().zip(&anns).collect();
+        let prev =
+            vec![(Pref { dim: 50, dir: -1 }, label(50, -1).to_string()), (Pref { dim: 51, dir: 1 }, "old".into())];
+        let dims = |c: Vec<Stated>| c.iter().map(|s| (s.0.dim, s.0.dir)).collect::<Vec<_>>();
+        // dim 50 is contradicted once (2 - 1): dropped; dim 51 stays first; then what the user
+        // wrote and the pole chosen twice, in the order they reached 2
+        assert_eq!(dims(conclude_tally(&prev, &w, 9)), vec![(51, 1), (20, 1), (3, 1)]);
+        assert_eq!(dims(conclude_tally(&prev, &w, 2)), vec![(20, 1), (3, 1)], "the oldest go first");
+        let user = UserRecord {
+            user_id: "u".into(),
+            split: Split::Train,
+            prefs: vec![],
+            golden: String::new(),
+            test_pairs: vec![],
+        };
+        let c = &teach(&user, &prev, &w, Rule::Tally { cap: 9 }, 1, 0.0, &mut StdRng::seed_from_u64(3))[0];
+        assert!(c.reasoning.contains(&format!("3: chose {} again, {}.", label(3, 1), label(9, 1))), "{}", c.reasoning);
+        assert!(c.reasoning.contains(&format!("2: wrote about {}.", label(20, 1))));
+        assert!(c.reasoning.ends_with(&format!("So: {}, {}, {}.", label(51, 1), label(20, 1), label(3, 1))));
+    }
+
+    #[test]
     fn observe_quotes_every_pole_the_signals_show() {
         let p12 = pole(12, 1).phrases[1];
         let p40 = pole(40, -1).phrases[0];
@@ -251,7 +380,7 @@ mod tests {
         };
         // annotated out of the text's order: the evidence still follows the text
         let a = ann(vec![Pref { dim: 40, dir: -1 }, Pref { dim: 12, dir: 1 }]);
-        let c = observe(&[(&body, &a)], &mut StdRng::seed_from_u64(2));
+        let c = observe(&[(&body, &a)], Rule::KeyDims, &mut StdRng::seed_from_u64(2));
         assert_eq!(c.prefs.iter().map(|s| s.1.as_str()).collect::<Vec<_>>(), vec![p12, p40]);
         assert_eq!(c.reasoning, format!("1: chose {p12}, {p40}. So: {p12}, {p40}."));
         assert!(c.description.contains(p12) && c.description.contains(p40));
