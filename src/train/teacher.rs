@@ -54,9 +54,9 @@ fn is_ugc(sig: &Signal) -> bool {
     matches!(sig.0, EventBody::Ugc { .. })
 }
 
-/// One line per signal. With `marks`, a pole the window already showed is followed by
-/// "again", so the tally rule's "seen twice" is decided next to the words (`conclude_tally`).
-fn evidence(window: &[Signal], labels: bool, marks: bool) -> Vec<String> {
+/// One line per signal. With `labels` (the tally rule's form), a pole the window already showed
+/// is also followed by "again", so "seen twice" is decided next to the words (`conclude_tally`).
+fn evidence(window: &[Signal], labels: bool) -> Vec<String> {
     let mut seen: Vec<Pref> = Vec::new();
     window
         .iter()
@@ -66,7 +66,7 @@ fn evidence(window: &[Signal], labels: bool, marks: bool) -> Vec<String> {
             let items: Vec<String> = shown(sig, labels)
                 .into_iter()
                 .map(|(p, words)| {
-                    let again = marks && seen.contains(&p);
+                    let again = labels && seen.contains(&p);
                     seen.push(p);
                     if again {
                         format!("{words} again")
@@ -233,7 +233,7 @@ pub fn teach(
     rng: &mut impl Rng,
 ) -> Vec<Candidate> {
     let labels = rule.labels();
-    let lines = evidence(window, labels, labels);
+    let lines = evidence(window, labels);
     let careful = rule.conclude(user, prev, window);
     (0..g)
         .map(|i| {
@@ -262,7 +262,7 @@ fn candidate(lines: &[String], prefs: Vec<Stated>, rng: &mut impl Rng) -> Candid
 /// quote before it learns to select (see `sft::copy_examples`). In `rule`'s words.
 pub fn observe(window: &[Signal], rule: Rule, rng: &mut impl Rng) -> Candidate {
     let labels = rule.labels();
-    candidate(&evidence(window, labels, labels), window.iter().flat_map(|s| shown(s, labels)).collect(), rng)
+    candidate(&evidence(window, labels), window.iter().flat_map(|s| shown(s, labels)).collect(), rng)
 }
 
 #[cfg(test)]
