@@ -65,12 +65,19 @@ enum Cmd {
     },
     /// Stage 2: GRPO from the SFT checkpoint with the judge reward.
     Grpo,
+    /// Rejection-sampling fine-tuning from the SFT checkpoint: best of G samples by the judge
+    /// reward, then SFT on them (policy_rft.safetensors).
+    Rft {
+        /// Checkpoint to start from: `policy` (SFT) or `policy_rft` (another round).
+        #[arg(long, env = "PREFSTREAM_RFT_FROM", default_value = "policy")]
+        from: String,
+    },
     /// Export the policy and judge to ONNX with tokenizer and manifest.
     Export {
         /// Package directory to write.
         #[arg(long, env = "PREFSTREAM_PACKAGE")]
         out: Option<PathBuf>,
-        /// Which checkpoint: `policy` (SFT) or `policy_grpo` (SFT+GRPO).
+        /// Which checkpoint: `policy` (SFT), `policy_rft` (SFT+RFT) or `policy_grpo` (SFT+GRPO).
         #[arg(long, env = "PREFSTREAM_POLICY", default_value = "policy")]
         policy: String,
     },
@@ -145,6 +152,7 @@ fn main() -> Result<()> {
         }
         Cmd::Sft { from_copy } => run.sft_step(&preset()?, *from_copy)?,
         Cmd::Grpo => run.grpo_step(&preset()?)?,
+        Cmd::Rft { from } => run.rft_step(&preset()?, from)?,
         Cmd::Export { out, policy } => {
             run.export_step(&out.clone().unwrap_or_else(|| cli.run.join("package")), &preset()?, policy)?
         }
@@ -160,6 +168,9 @@ fn main() -> Result<()> {
             run.judge_step(&p)?;
             run.sft_step(&p, false)?;
             run.grpo_step(&p)?;
+            if p.rft_users > 0 {
+                run.rft_step(&p, "policy")?;
+            }
             let rows = run.eval_step(&p, &SETTINGS, *studies, false, None, 0)?;
             println!("{}", markdown(&rows));
             let package = cli.run.join("package");

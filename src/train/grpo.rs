@@ -10,13 +10,14 @@ use super::judge::{mean, Scorer};
 use super::model::Gpt;
 use super::sft::user_windows;
 use super::synth::{make_pair, Pair, Split, UserRecord, World};
-use crate::prompt::{build_prompt, parse_output};
+use crate::prompt::{build_prompt, parse_output, ParsedOutput};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::TextTokenizer;
 use candle_core::Tensor;
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
 use rand::seq::SliceRandom;
 use rand::Rng;
+use std::collections::HashMap;
 
 #[derive(Debug, Clone)]
 pub struct GrpoConfig {
@@ -40,6 +41,34 @@ pub struct GrpoConfig {
 }
 
 /// Group-normalised advantages: (r − mean) / std, all zero where the group's rewards are equal.
+/// Train users with at least two windows: a streaming round 2 needs an earlier window.
+pub fn streaming_train_users<'w, T>(world: &'w World, windows: &HashMap<&str, Vec<T>>) -> Vec<&'w UserRecord> {
+    world
+        .users
+        .iter()
+        .filter(|u| u.split == Split::Train && windows.get(u.user_id.as_str()).is_some_and(|w| w.len() >= 2))
+        .collect()
+}
+
+/// The pairs a sample for `u` is rewarded on: `k` fresh noise-free pairs drawn from the user's
+/// preferences, or the held-out pairs where `k` is 0 or none are known (imported data).
+pub fn reward_pairs(u: &UserRecord, k: usize, rng: &mut impl Rng) -> Vec<Pair> {
+    if k > 0 && !u.prefs.is_empty() {
+        (0..k).map(|_| make_pair(&u.prefs, None, rng).0).collect()
+    } else {
+        u.test_pairs.clone()
+    }
+}
+
+/// R = R_jud × R_format of each output; output i answers prompt i / `group`, rewarded on
+/// `pairs[i / group]`.
+pub fn rewards(scorer: &Scorer, parsed: &[ParsedOutput], pairs: &[&[Pair]], group: usize) -> anyhow::Result<Vec<f32>> {
+    let jobs: Vec<(&str, &[Pair])> =
+        parsed.iter().enumerate().map(|(i, p)| (p.description.as_deref().unwrap_or(""), pairs[i / group])).collect();
+    let scores = scorer.many_pair_scores(&jobs)?;
+    Ok(parsed.iter().zip(scores).map(|(p, s)| if p.format_ok() { mean(&s) } else { 0.0 }).collect())
+}
+
 pub fn advantages(rewards: &[f32], group: usize) -> Vec<f32> {
     rewards
         .chunks(group)
@@ -88,11 +117,7 @@ pub fn train(
     progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<Curves> {
     let windows = user_windows(world);
-    let users: Vec<&UserRecord> = world
-        .users
-        .iter()
-        .filter(|u| u.split == Split::Train && windows.get(u.user_id.as_str()).is_some_and(|w| w.len() >= 2))
-        .collect();
+    let users = streaming_train_users(world, &windows);
     let mut opt = AdamW::new(vars.all_vars(), ParamsAdamW { lr: cfg.lr, weight_decay: 0.0, ..Default::default() })?;
     let mut curves = Curves::new(&["mean_reward", "format_rate", "mean_response_tokens", "loss"]);
     let sampling = SamplingParams::PAPER;
@@ -126,27 +151,16 @@ pub fn train(
             if cfg.on_policy { (SamplingParams::POLICY, 0) } else { (sampling, cfg.no_repeat) };
         let outs = generate(model, tok, &ids, cfg.max_new, &group_sampling, group_no_repeat, rng)?;
         let parsed: Vec<_> = outs.iter().map(|o| parse_output(&o.text)).collect();
-        let pairs: Vec<Vec<Pair>> = picked
-            .iter()
-            .map(|u| match cfg.reward_pairs {
-                // imported data has no known preferences to draw pairs from
-                k if k > 0 && !u.prefs.is_empty() => (0..k).map(|_| make_pair(&u.prefs, None, rng).0).collect(),
-                _ => u.test_pairs.clone(),
-            })
-            .collect();
-        let jobs: Vec<(&str, &[_])> = parsed
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (p.description.as_deref().unwrap_or(""), pairs[i / cfg.group].as_slice()))
-            .collect();
-        let scores = scorer.many_pair_scores(&jobs)?;
+        let pairs: Vec<Vec<Pair>> = picked.iter().map(|u| reward_pairs(u, cfg.reward_pairs, rng)).collect();
+        let pairs: Vec<&[Pair]> = pairs.iter().map(Vec::as_slice).collect();
+        let scores = rewards(scorer, &parsed, &pairs, cfg.group)?;
         let rollouts: Vec<Rollout> = outs
             .into_iter()
             .zip(ids)
-            .zip(parsed.iter().zip(&scores))
-            .map(|((o, prompt), (p, s))| Rollout {
+            .zip(parsed.iter().zip(scores))
+            .map(|((o, prompt), (p, reward))| Rollout {
                 prompt,
-                reward: if p.format_ok() { mean(s) } else { 0.0 },
+                reward,
                 format_ok: p.format_ok(),
                 tokens: o.tokens,
                 old_logprobs: o.logprobs,

@@ -13,6 +13,7 @@ pub mod grpo;
 pub mod judge;
 pub mod model;
 pub mod pipeline;
+pub mod rft;
 pub mod sft;
 pub mod synth;
 pub mod teacher;

@@ -59,6 +59,14 @@ pub struct Preset {
     /// instead of the package's decoding, so the policy gradient has no sampling bias.
     #[serde(default)]
     pub grpo_on_policy: bool,
+    /// Rejection-sampling fine-tuning from the SFT checkpoint (`rft`): train users sampled
+    /// (0: the stage is off), then SFT steps on the best of each group at `rft_lr`.
+    #[serde(default)]
+    pub rft_users: usize,
+    #[serde(default)]
+    pub rft_steps: usize,
+    #[serde(default)]
+    pub rft_lr: f64,
     pub policy: GptConfig,
     pub eval_users: usize,
     /// Held-out users for the robustness study (12 runs of the policy each).
@@ -104,6 +112,9 @@ impl Preset {
             grpo_lr: 1e-4,
             grpo_reward_pairs: 32,
             grpo_on_policy: false,
+            rft_users: 0,
+            rft_steps: 0,
+            rft_lr: 5e-4,
             policy: GptConfig {
                 vocab_size: 0,
                 n_layer: 3,
@@ -138,6 +149,9 @@ impl Preset {
             grpo_lr: 5e-5,
             grpo_reward_pairs: 4,
             grpo_on_policy: false,
+            rft_users: 4,
+            rft_steps: 2,
+            rft_lr: 5e-4,
             policy: GptConfig {
                 vocab_size: 0,
                 n_layer: 1,
@@ -288,7 +302,7 @@ impl Run {
         Ok(rows)
     }
 
-    /// `name` is `policy` (SFT) or `policy_grpo` (SFT+GRPO).
+    /// `name` is one of `POLICIES`' checkpoints (`policy` is SFT).
     pub fn load_policy(&self, name: &str) -> Result<(Gpt, VarMap)> {
         let cfg: GptConfig = read_json(&self.path("policy.json"))?;
         let mut vars = VarMap::new();
@@ -321,6 +335,50 @@ impl Run {
         pb.finish();
         curves.write(&self.dir, "grpo_curve")?;
         vars.save(self.path("policy_grpo.safetensors"))?;
+        Ok(())
+    }
+
+    /// Rejection-sampling fine-tuning; writes `policy_rft.safetensors`,
+    /// `rft_curve.*` and `rft_stats.json`.
+    /// `from` is the checkpoint to start from: `policy` (SFT), or `policy_rft` for another
+    /// round of expert iteration on the policy's own improved samples.
+    pub fn rft_step(&self, preset: &Preset, from: &str) -> Result<()> {
+        let world = self.world()?;
+        let tok = self.tokenizer()?;
+        let (judge, _) = self.load_judge()?;
+        let scorer = Scorer { judge: &judge, tok: &tok, device: Device::Cpu };
+        let (policy, vars) = self.load_policy(from)?;
+        // A checkpoint left by an earlier try would be evaluated as this one's (unless it is
+        // the one this round starts from, which stays if the round keeps nothing).
+        if from != "policy_rft" {
+            let _ = std::fs::remove_file(self.path("policy_rft.safetensors"));
+        }
+        let cfg = super::rft::RftConfig {
+            users: preset.rft_users,
+            group: 4,
+            max_new: preset.max_new_tokens,
+            no_repeat: preset.no_repeat_ngram,
+            reward_pairs: preset.grpo_reward_pairs,
+            chunk: 8,
+        };
+        let mut rng = self.rng(6);
+        let pb = bar("rft sampling");
+        let (data, stats) = super::rft::collect(&policy, &tok, &scorer, &world, &cfg, &mut rng, &pb)?;
+        pb.finish();
+        tracing::info!(?stats, "best of each group kept");
+        write_json(&self.path("rft_stats.json"), &stats)?;
+        if data.is_empty() {
+            // Not an error: a policy whose samples all score alike has nothing to learn here.
+            tracing::warn!("rejection sampling kept no sample (every group's rewards were equal); no policy_rft");
+            return Ok(());
+        }
+        let (valid, train) = holdout(&data);
+        let tc = TrainConfig { steps: preset.rft_steps, batch: preset.sft_batch, lr: preset.rft_lr, warmup: 10 };
+        let pb = bar("rft");
+        let curves = sft::train(&policy, &vars, train, valid, &tc, tok.pad, &mut rng, &pb)?;
+        pb.finish();
+        curves.write(&self.dir, "rft_curve")?;
+        vars.save(self.path("policy_rft.safetensors"))?;
         Ok(())
     }
 
@@ -382,6 +440,11 @@ impl Run {
     /// Writes a model package: model.onnx, judge.onnx, tokenizer.json, manifest.json.
     pub fn export_step(&self, out: &Path, preset: &Preset, policy_name: &str) -> Result<()> {
         std::fs::create_dir_all(out)?;
+        let stages = POLICIES
+            .iter()
+            .find(|p| p.1 == policy_name)
+            .map(|p| p.2)
+            .with_context(|| format!("unknown policy checkpoint {policy_name:?}"))?;
         let (policy, pvars) = self.load_policy(policy_name)?;
         let (judge, jvars) = self.load_judge()?;
         super::export::export_policy(&policy.cfg, &weights(&pvars), &out.join("model.onnx"))?;
@@ -409,7 +472,7 @@ impl Run {
             },
             "policy_config": policy.cfg,
             "judge_config": judge.cfg,
-            "training": { "seed": self.seed, "preset": preset, "stages": if policy_name == "policy_grpo" { "sft+grpo" } else { "sft" } }
+            "training": { "seed": self.seed, "preset": preset, "stages": stages }
         });
         write_json(&out.join("manifest.json"), &manifest)?;
         tracing::info!(dir = %out.display(), "model package written");
@@ -455,8 +518,9 @@ impl Run {
                 audits.push(audit);
             }
         }
-        let methods: Vec<(&str, &str)> = [("SFT", "policy"), ("SFT+GRPO", "policy_grpo")]
-            .into_iter()
+        let methods: Vec<(&str, &str)> = POLICIES
+            .iter()
+            .map(|p| (p.0, p.1))
             .filter(|m| self.path(&format!("{}.safetensors", m.1)).exists())
             .collect();
         let pb = bar("eval");
@@ -556,18 +620,27 @@ fn plot_efficiency(path: &Path, timing: &[serde_json::Value]) -> Result<()> {
     Ok(())
 }
 
-/// The checkpoint to ship: SFT+GRPO only if it beats SFT-only on the mean over base-4, base-8
-/// and streaming 4+4. The service runs a base update on a user's first window and streaming
-/// ones after it, so a policy that wins streaming by noise while losing base is not better.
+/// The trained policies: eval method, checkpoint name, and the manifest's `stages`.
+pub const POLICIES: [(&str, &str, &str); 3] =
+    [("SFT", "policy", "sft"), ("SFT+RFT", "policy_rft", "sft+rft"), ("SFT+GRPO", "policy_grpo", "sft+grpo")];
+
+/// The checkpoint to ship: a stage on top of SFT only if it beats SFT-only on the mean over
+/// base-4, base-8 and streaming 4+4 (the best such). The service runs a base update on a
+/// user's first window and streaming ones after it, so a policy that wins streaming by noise
+/// while losing base is not better.
 pub fn best_policy(rows: &[EvalRow]) -> &'static str {
     let mean = |m: &str| {
         let acc: Vec<f32> = rows.iter().filter(|r| r.method == m).map(|r| r.acc_jud).collect();
         (acc.len() == SETTINGS.len()).then(|| acc.iter().sum::<f32>() / acc.len() as f32)
     };
-    match (mean("SFT"), mean("SFT+GRPO")) {
-        (Some(a), Some(b)) if b > a => "policy_grpo",
-        _ => "policy",
+    let mut best = (POLICIES[0].1, mean(POLICIES[0].0).unwrap_or(f32::NEG_INFINITY));
+    for (method, name, _) in &POLICIES[1..] {
+        match mean(method) {
+            Some(m) if m > best.1 => best = (name, m),
+            _ => {}
+        }
     }
+    best.0
 }
 
 #[cfg(test)]
@@ -587,7 +660,7 @@ mod tests {
     }
 
     #[test]
-    fn grpo_ships_only_if_it_wins_on_average() {
+    fn a_stage_ships_only_if_it_wins_on_average() {
         let sft =
             [row("SFT", Setting::Base4, 0.60), row("SFT", Setting::Base8, 0.61), row("SFT", Setting::Stream44, 0.61)];
         // wins streaming by a hair, loses base: SFT ships
@@ -604,5 +677,11 @@ mod tests {
         ];
         assert_eq!(best_policy(&[&sft[..], &better[..]].concat()), "policy_grpo");
         assert_eq!(best_policy(&sft), "policy", "no GRPO rows");
+        let rft = [
+            row("SFT+RFT", Setting::Base4, 0.64),
+            row("SFT+RFT", Setting::Base8, 0.63),
+            row("SFT+RFT", Setting::Stream44, 0.64),
+        ];
+        assert_eq!(best_policy(&[&sft[..], &better[..], &rft[..]].concat()), "policy_rft", "the best of the stages");
     }
 }
