@@ -40,7 +40,6 @@ pub struct GrpoConfig {
     pub on_policy: bool,
 }
 
-/// Group-normalised advantages: (r − mean) / std, all zero where the group's rewards are equal.
 /// Train users with at least two windows: a streaming round 2 needs an earlier window.
 pub fn streaming_train_users<'w, T>(world: &'w World, windows: &HashMap<&str, Vec<T>>) -> Vec<&'w UserRecord> {
     world
@@ -69,6 +68,7 @@ pub fn rewards(scorer: &Scorer, parsed: &[ParsedOutput], pairs: &[&[Pair]], grou
     Ok(parsed.iter().zip(scores).map(|(p, s)| if p.format_ok() { mean(&s) } else { 0.0 }).collect())
 }
 
+/// Group-normalised advantages: (r − mean) / std, all zero where the group's rewards are equal.
 pub fn advantages(rewards: &[f32], group: usize) -> Vec<f32> {
     rewards
         .chunks(group)

@@ -338,10 +338,9 @@ impl Run {
         Ok(())
     }
 
-    /// Rejection-sampling fine-tuning; writes `policy_rft.safetensors`,
+    /// Rejection-sampling fine-tuning from the checkpoint `from`: `policy` (SFT), or
+    /// `policy_rft` for another round of expert iteration. Writes `policy_rft.safetensors`,
     /// `rft_curve.*` and `rft_stats.json`.
-    /// `from` is the checkpoint to start from: `policy` (SFT), or `policy_rft` for another
-    /// round of expert iteration on the policy's own improved samples.
     pub fn rft_step(&self, preset: &Preset, from: &str) -> Result<()> {
         let world = self.world()?;
         let tok = self.tokenizer()?;

@@ -1,8 +1,9 @@
 //! Rejection-sampling fine-tuning (expert iteration, as in ReST / STaR): the policy samples G
 //! responses per prompt, the judge reward R_jud × R_format picks the best of each group, and
 //! the policy is fine-tuned on those with the SFT loss. It optimises the same reward as GRPO,
-//! but every kept sample is a full supervised target, which on these 2 cores moves the policy
-//! with far fewer rollouts than GRPO's ratio-weighted update (docs/training.md, attempt 16).
+//! but every kept sample is a full supervised target, so a few thousand rollouts are a whole
+//! training set. Measured on the full preset it did not move the policy beyond the noise
+//! (docs/training.md, attempt 16), so it is off by default.
 //! Prompts are built as GRPO's: base windows, and streaming round 2 whose previous description
 //! is the policy's own best round-1 output for the same user.
 
