@@ -49,6 +49,12 @@ impl TextTokenizer {
         self.inner.encode(text, false).map(|e| e.get_ids().to_vec()).unwrap_or_default()
     }
 
+    /// `encode`, with each token's byte range in `text` (byte-level BPE: a leading space
+    /// belongs to the token that follows it).
+    pub fn encode_with_offsets(&self, text: &str) -> (Vec<u32>, Vec<(usize, usize)>) {
+        self.inner.encode(text, false).map(|e| (e.get_ids().to_vec(), e.get_offsets().to_vec())).unwrap_or_default()
+    }
+
     /// Decode keeping the tags (they are special tokens) so the format check can see them.
     pub fn decode(&self, ids: &[u32]) -> String {
         self.inner.decode(ids, false).unwrap_or_default()

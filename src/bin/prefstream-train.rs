@@ -59,7 +59,8 @@ enum Cmd {
     /// Cold start: teacher candidates filtered by the judge, then SFT of the policy.
     Sft {
         /// Start from the run's saved copy warm-up (policy_copy.safetensors) instead of
-        /// training it again.
+        /// training it again. A preset with more layers than the warm-up grows it: the new
+        /// blocks start as the identity.
         #[arg(long, env = "PREFSTREAM_FROM_COPY")]
         from_copy: bool,
     },

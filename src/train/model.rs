@@ -203,6 +203,19 @@ impl Gpt {
         position_ids: &Tensor,
         past: Option<&[KvPair]>,
     ) -> Result<(Tensor, Vec<KvPair>)> {
+        self.hidden_tapped(input_ids, attention_mask, position_ids, past, &mut None)
+    }
+
+    /// `hidden`, also handing out the residual stream after the last-but-one block in `tap`
+    /// (what the last block's attention reads; the SFT's auxiliary probe trains it).
+    pub fn hidden_tapped(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        position_ids: &Tensor,
+        past: Option<&[KvPair]>,
+        tap: &mut Option<Tensor>,
+    ) -> Result<(Tensor, Vec<KvPair>)> {
         let (_, s) = input_ids.dims2()?;
         let mask = AttnMask::new(attention_mask, s, true)?;
         let mut x = self.wte.forward(input_ids)?;
@@ -215,6 +228,9 @@ impl Gpt {
             let (y, kv) = block.forward(&x, &mask, past.map(|p| &p[i]), rope.as_ref().map(|(c, s)| (c, s)))?;
             x = y;
             presents.push(kv);
+            if i + 2 == self.blocks.len().max(2) {
+                *tap = Some(x.clone());
+            }
         }
         Ok((self.ln_f.forward(&x)?, presents))
     }

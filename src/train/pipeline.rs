@@ -39,6 +39,10 @@ pub struct Preset {
     #[serde(default)]
     pub sft_copy_steps: usize,
     pub sft_steps: usize,
+    /// Weight of the SFT's auxiliary probe (0: off): at each pole an evidence line quotes, a
+    /// linear read-out of the residual stream learns whether it is key and whether it recurs.
+    #[serde(default)]
+    pub sft_aux: f64,
     /// The cold-start teacher's rule: 0 concludes from the user's key dimensions (the paper's
     /// teacher); n > 0 from the prompt alone, keeping the first n poles by rank
     /// (`teacher::conclude_shown`), or with `teacher_tally` by the tally rule, in pole labels
@@ -103,6 +107,7 @@ impl Preset {
             judge_lr: 1e-2,
             sft_copy_steps: 1200,
             sft_steps: 1000,
+            sft_aux: 0.0,
             teacher_cap: 0,
             teacher_tally: false,
             sft_batch: 12,
@@ -140,6 +145,7 @@ impl Preset {
             judge_lr: 1e-2,
             sft_copy_steps: 4,
             sft_steps: 8,
+            sft_aux: 0.5,
             teacher_cap: 0,
             teacher_tally: false,
             sft_batch: 8,
@@ -284,7 +290,7 @@ impl Run {
             &judge,
             &vars,
             &tok,
-            &TrainConfig { steps, batch: 64, lr: preset.judge_lr, warmup: steps / 20 },
+            &TrainConfig { steps, batch: 64, lr: preset.judge_lr, warmup: steps / 20, aux: 0.0 },
             &mut self.rng(2),
             &pb,
         )?;
@@ -372,7 +378,8 @@ impl Run {
             return Ok(());
         }
         let (valid, train) = holdout(&data);
-        let tc = TrainConfig { steps: preset.rft_steps, batch: preset.sft_batch, lr: preset.rft_lr, warmup: 10 };
+        let tc =
+            TrainConfig { steps: preset.rft_steps, batch: preset.sft_batch, lr: preset.rft_lr, warmup: 10, aux: 0.0 };
         let pb = bar("rft");
         let curves = sft::train(&policy, &vars, train, valid, &tc, tok.pad, &mut rng, &pb)?;
         pb.finish();
@@ -390,7 +397,10 @@ impl Run {
         let scorer = Scorer { judge: &judge, tok: &tok, device: Device::Cpu };
         let mut rng = self.rng(3);
         let pb = bar("teacher");
-        let (examples, stats) = sft::build_examples(&world, &scorer, preset.teacher_rule(), 4, 0.6, &mut rng, &pb)?;
+        let (mut examples, stats) = sft::build_examples(&world, &scorer, preset.teacher_rule(), 4, 0.6, &mut rng, &pb)?;
+        if preset.sft_aux == 0.0 {
+            examples.iter_mut().for_each(|e| e.marks.clear());
+        }
         pb.finish();
         tracing::info!(?stats, "cold-start data filtered by R_jud");
         write_json(&self.path("sft_filter.json"), &stats)?;
@@ -405,16 +415,18 @@ impl Run {
         let (valid, train) = holdout(&data);
         let longest = data.iter().map(|t| t.prompt.len() + t.response.len()).max().unwrap_or(0);
         tracing::info!(examples = data.len(), dropped = examples.len() - data.len(), longest, "tokenized");
-        let mut vars = VarMap::new();
+        let vars = VarMap::new();
         let model = sft::new_policy(&cfg, &vars)?;
         if from_copy {
-            vars.load(self.path("policy_copy.safetensors")).context("loading policy_copy.safetensors")?;
+            let grown = sft::load_grown(&vars, &self.path("policy_copy.safetensors"))
+                .context("loading policy_copy.safetensors")?;
+            tracing::info!(new_tensors = grown, "from the copy warm-up");
         } else if preset.sft_copy_steps > 0 {
             let copy =
                 sft::tokenize(&sft::copy_examples(&world, preset.teacher_rule(), &mut rng), &tok, cfg.max_positions);
             let (valid, train) = holdout(&copy);
             tracing::info!(examples = copy.len(), steps = preset.sft_copy_steps, "copy warm-up (one signal each)");
-            let tc = TrainConfig { steps: preset.sft_copy_steps, batch: 16, lr: 2e-3, warmup: 20 };
+            let tc = TrainConfig { steps: preset.sft_copy_steps, batch: 16, lr: 2e-3, warmup: 20, aux: 0.0 };
             let pb = bar("sft copy warm-up");
             let curves = sft::train(&model, &vars, train, valid, &tc, tok.pad, &mut rng, &pb)?;
             pb.finish();
@@ -426,6 +438,7 @@ impl Run {
             batch: preset.sft_batch,
             lr: preset.sft_lr,
             warmup: (preset.sft_steps / 20).max(1),
+            aux: preset.sft_aux,
         };
         let pb = bar("sft");
         let curves = sft::train(&model, &vars, train, valid, &tc, tok.pad, &mut rng, &pb)?;

@@ -160,7 +160,7 @@ impl Kept {
             self.kept_rewards.push(best.reward);
             let mut response = best.tokens.clone();
             response.push(eos);
-            self.data.push(Tokenized { prompt: prompt.to_vec(), response });
+            self.data.push(Tokenized { prompt: prompt.to_vec(), response, aux: Vec::new() });
         }
     }
 }

@@ -6,12 +6,12 @@ use super::curves::Curves;
 use super::judge::{mean, Scorer};
 use super::model::{Gpt, GptConfig};
 use super::synth::{Annotation, Split, UserRecord, World};
-use super::teacher::{observe, teach, Rule, Signal, Stated};
+use super::teacher::{evidence_marks, observe, teach, Mark, Rule, Signal, Stated};
 use crate::event::Event;
 use crate::prompt::{build_prompt, build_response};
 use crate::tokenizer::TextTokenizer;
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
+use candle_nn::{AdamW, Module, Optimizer, ParamsAdamW, VarMap};
 use rand::seq::SliceRandom;
 use rand::Rng;
 use std::collections::HashMap;
@@ -24,6 +24,9 @@ pub struct SftExample {
     pub streaming: bool,
     pub prompt: String,
     pub response: String,
+    /// The poles the response's evidence lines quote, for the auxiliary probe (empty: none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub marks: Vec<Mark>,
 }
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -92,11 +95,13 @@ pub fn build_examples(
                         if streaming { prev.as_ref().map(|p| p.1.as_str()) } else { None },
                         bodies.iter().copied(),
                     );
+                    let response = build_response(&cands[i].reasoning, &cands[i].description);
                     out.push(SftExample {
                         user_id: user.user_id.clone(),
                         streaming,
                         prompt,
-                        response: build_response(&cands[i].reasoning, &cands[i].description),
+                        marks: evidence_marks(user, prev_prefs, &signals, rule, &response),
+                        response,
                     });
                 } else {
                     stats.windows_without_kept += 1;
@@ -128,6 +133,7 @@ pub fn copy_examples(world: &World, rule: Rule, rng: &mut impl Rng) -> Vec<SftEx
                 streaming: false,
                 prompt: build_prompt(None, [&e.body]),
                 response: build_response(&c.reasoning, &c.description),
+                marks: Vec::new(),
             }
         })
         .collect()
@@ -136,15 +142,30 @@ pub fn copy_examples(world: &World, rule: Rule, rng: &mut impl Rng) -> Vec<SftEx
 pub struct Tokenized {
     pub prompt: Vec<u32>,
     pub response: Vec<u32>,
+    /// Response token index → probe targets (key, recurs), for tokens inside a `Mark`.
+    pub aux: Vec<(usize, [f32; 2])>,
+}
+
+/// The probe targets of each response token that overlaps a mark.
+fn token_marks(offsets: &[(usize, usize)], marks: &[Mark]) -> Vec<(usize, [f32; 2])> {
+    let f = |b: bool| if b { 1.0 } else { 0.0 };
+    offsets
+        .iter()
+        .enumerate()
+        .filter_map(|(j, &(a, b))| {
+            let m = marks.iter().find(|m| a < m.end && b > m.start)?;
+            Some((j, [f(m.key), f(m.recurs)]))
+        })
+        .collect()
 }
 
 pub fn tokenize(examples: &[SftExample], tok: &TextTokenizer, max_len: usize) -> Vec<Tokenized> {
     examples
         .iter()
         .map(|e| {
-            let mut response = tok.encode(&e.response);
+            let (mut response, offsets) = tok.encode_with_offsets(&e.response);
             response.push(tok.eos);
-            Tokenized { prompt: tok.encode(&e.prompt), response }
+            Tokenized { prompt: tok.encode(&e.prompt), response, aux: token_marks(&offsets, &e.marks) }
         })
         .filter(|t| t.prompt.len() + t.response.len() <= max_len)
         .collect()
@@ -156,6 +177,8 @@ pub struct TrainConfig {
     pub batch: usize,
     pub lr: f64,
     pub warmup: usize,
+    /// Weight of the auxiliary probe loss (0: off).
+    pub aux: f64,
 }
 
 /// Linear warm-up, then cosine decay to 10%.
@@ -181,16 +204,44 @@ fn batches(data: &[Tokenized], batch: usize, rng: &mut impl Rng) -> Vec<Vec<usiz
     out
 }
 
+/// The auxiliary probe: a linear read-out of the residual stream that the last block's attention
+/// sees, trained to tell, at each pole an evidence line quotes, whether it is a key preference
+/// and whether the window shows it again. Training only; not part of the package.
+pub struct Probe {
+    head: candle_nn::Linear,
+    weight: f64,
+}
+
+/// Binary cross-entropy on logits, composed from ops that have a backward in candle:
+/// max(x, 0) − x·y + ln(1 + e^−|x|).
+fn bce_with_logits(x: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
+    let soft = (x.relu()? + x.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?)?;
+    (soft - (x * y)?)?.mean_all()
+}
+
 /// Cross-entropy on response tokens only, each sequence's loss normalised by its length.
-/// Only the response positions go through the vocabulary projection.
-pub fn sft_loss(model: &Gpt, items: &[&Tokenized], pad: u32) -> candle_core::Result<Tensor> {
+/// Only the response positions go through the vocabulary projection. With a probe, its loss
+/// (weighted) is added and also returned on its own.
+pub fn sft_loss(
+    model: &Gpt,
+    items: &[&Tokenized],
+    pad: u32,
+    probe: Option<&Probe>,
+) -> candle_core::Result<(Tensor, Option<Tensor>)> {
     let dev = Device::Cpu;
     let inputs: Vec<Vec<u32>> = items.iter().map(|t| t.prompt.iter().chain(&t.response).copied().collect()).collect();
     let b = pad_right(&inputs, pad);
     let len = b.len - 1;
     let mut x = Vec::with_capacity(b.rows * len);
     let (mut at, mut y, mut w) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut probe_at, mut probe_y) = (Vec::new(), Vec::new());
     for (r, t) in items.iter().enumerate() {
+        for &(j, target) in &t.aux {
+            if t.prompt.len() + j < len {
+                probe_at.push((r * len + t.prompt.len() + j) as u32);
+                probe_y.extend(target);
+            }
+        }
         let row = &b.ids[r * b.len..(r + 1) * b.len];
         x.extend_from_slice(&row[..len]);
         let start = t.prompt.len() - 1; // position predicting the first response token
@@ -202,9 +253,20 @@ pub fn sft_loss(model: &Gpt, items: &[&Tokenized], pad: u32) -> candle_core::Res
     let x = Tensor::from_vec(x, (b.rows, len), &dev)?;
     let mask = Tensor::from_vec(mask, (b.rows, len), &dev)?;
     let pos = Tensor::arange(0u32, len as u32, &dev)?.unsqueeze(0)?.broadcast_as((b.rows, len))?.contiguous()?;
-    let (h, _) = model.hidden(&x, &mask, &pos, None)?;
+    let mut tap = None;
+    let (h, _) = model.hidden_tapped(&x, &mask, &pos, None, &mut tap)?;
     let n = w.len();
-    (model.target_logprobs(&h, at, y)? * Tensor::from_vec(w, n, &dev)?)?.sum_all()?.neg()
+    let lm = (model.target_logprobs(&h, at, y)? * Tensor::from_vec(w, n, &dev)?)?.sum_all()?.neg()?;
+    match (probe, tap) {
+        (Some(p), Some(tap)) if !probe_at.is_empty() => {
+            let d = tap.dim(2)?;
+            let n = probe_at.len();
+            let rows = tap.reshape((b.rows * len, d))?.index_select(&Tensor::from_vec(probe_at, n, &dev)?, 0)?;
+            let aux = bce_with_logits(&p.head.forward(&rows)?, &Tensor::from_vec(probe_y, (n, 2), &dev)?)?;
+            Ok(((lm + (&aux * p.weight)?)?, Some(aux)))
+        }
+        _ => Ok((lm, None)),
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -219,8 +281,16 @@ pub fn train(
     rng: &mut impl Rng,
     progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<Curves> {
-    let mut opt = AdamW::new(vars.all_vars(), ParamsAdamW { lr: cfg.lr, weight_decay: 0.01, ..Default::default() })?;
-    let mut curves = Curves::new(&["train_loss", "valid_loss", "lr"]);
+    let probe_vars = VarMap::new();
+    let probe = if cfg.aux > 0.0 {
+        let vb = candle_nn::VarBuilder::from_varmap(&probe_vars, DType::F32, &Device::Cpu);
+        Some(Probe { head: candle_nn::linear(model.cfg.d_model, 2, vb.pp("probe"))?, weight: cfg.aux })
+    } else {
+        None
+    };
+    let params: Vec<_> = vars.all_vars().into_iter().chain(probe_vars.all_vars()).collect();
+    let mut opt = AdamW::new(params, ParamsAdamW { lr: cfg.lr, weight_decay: 0.01, ..Default::default() })?;
+    let mut curves = Curves::new(&["train_loss", "valid_loss", "lr", "probe_loss"]);
     let mut queue: Vec<Vec<usize>> = Vec::new();
     let mut valid_loss = f64::NAN;
     progress.set_length(cfg.steps as u64);
@@ -232,25 +302,47 @@ pub fn train(
         let items: Vec<&Tokenized> = idx.iter().map(|&i| &train[i]).collect();
         let lr = lr_at(step, cfg);
         opt.set_learning_rate(lr);
-        let loss = sft_loss(model, &items, pad)?;
+        let (loss, aux) = sft_loss(model, &items, pad, probe.as_ref())?;
         opt.backward_step(&loss)?;
         let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let a = aux.map(|t| t.to_dtype(DType::F64)?.to_scalar::<f64>()).transpose()?.unwrap_or(f64::NAN);
         if (step % 50 == 49 || step + 1 == cfg.steps) && !valid.is_empty() {
             let v: Vec<&Tokenized> = valid.iter().take(64).collect();
             valid_loss = v
                 .chunks(cfg.batch)
-                .map(|c| sft_loss(model, c, pad).and_then(|t| t.to_scalar::<f32>()))
+                .map(|c| sft_loss(model, c, pad, None).and_then(|t| t.0.to_scalar::<f32>()))
                 .sum::<candle_core::Result<f32>>()? as f64
                 / v.chunks(cfg.batch).len() as f64;
         }
-        curves.push(step + 1, vec![l, valid_loss, lr]);
+        curves.push(step + 1, vec![l, valid_loss, lr, a]);
         progress.set_message(format!("loss {l:.3} valid {valid_loss:.3}"));
         if (step + 1) % (cfg.steps / 10).max(1) == 0 {
-            tracing::info!(step = step + 1, loss = l, valid_loss, lr, "sft");
+            tracing::info!(step = step + 1, loss = l, valid_loss, lr, probe_loss = a, "sft");
         }
         progress.inc(1);
     }
     Ok(curves)
+}
+
+/// Loads a checkpoint into `vars`, which may have more blocks than it: a block the checkpoint
+/// lacks starts as the identity (its two output projections zero), so the loaded network's
+/// function is unchanged and the new depth is learned from there. Returns the new tensors.
+pub fn load_grown(vars: &VarMap, path: &std::path::Path) -> candle_core::Result<usize> {
+    let saved = candle_core::safetensors::load(path, &Device::Cpu)?;
+    let data = vars.data().lock().expect("varmap lock");
+    let mut new = 0;
+    for (name, var) in data.iter() {
+        match saved.get(name) {
+            Some(t) => var.set(t)?,
+            None => {
+                new += 1;
+                if name.contains(".attn.o.") || name.contains(".mlp.proj.") {
+                    var.set(&var.zeros_like()?)?;
+                }
+            }
+        }
+    }
+    Ok(new)
 }
 
 pub fn new_policy(cfg: &GptConfig, vars: &VarMap) -> candle_core::Result<Gpt> {
@@ -262,8 +354,77 @@ mod tests {
     use super::*;
 
     #[test]
+    fn token_marks_cover_the_tokens_that_overlap_a_mark() {
+        let marks = [Mark { start: 3, end: 8, key: true, recurs: false }];
+        // tokens [0,3) [3,5) [5,9) [9,12): the middle two overlap bytes 3..8
+        let offsets = [(0, 3), (3, 5), (5, 9), (9, 12)];
+        assert_eq!(token_marks(&offsets, &marks), vec![(1, [1.0, 0.0]), (2, [1.0, 0.0])]);
+        assert!(token_marks(&offsets, &[]).is_empty());
+    }
+
+    #[test]
+    fn bce_matches_the_closed_form() {
+        let x = Tensor::new(&[2.0f32, -1.0, 0.0], &Device::Cpu).unwrap();
+        let y = Tensor::new(&[1.0f32, 1.0, 0.0], &Device::Cpu).unwrap();
+        let got = bce_with_logits(&x, &y).unwrap().to_scalar::<f32>().unwrap();
+        let want = [(2.0f32, 1.0f32), (-1.0, 1.0), (0.0, 0.0)]
+            .iter()
+            .map(|&(x, y)| -(y * (1.0 / (1.0 + (-x).exp())).ln() + (1.0 - y) * (1.0 / (1.0 + x.exp())).ln()))
+            .sum::<f32>()
+            / 3.0;
+        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+    }
+
+    fn tiny(n_layer: usize) -> (Gpt, VarMap) {
+        let cfg =
+            GptConfig { vocab_size: 40, n_layer, n_head: 2, d_model: 16, d_ff: 32, max_positions: 32, rotary: true };
+        let vars = VarMap::new();
+        (new_policy(&cfg, &vars).unwrap(), vars)
+    }
+
+    #[test]
+    fn the_probe_learns_a_feature_the_stream_carries() {
+        // The target is a property of the token itself (its id's parity), which the residual
+        // stream carries: the probe's loss must fall well below chance (ln 2 ≈ 0.69).
+        use rand::{rngs::StdRng, SeedableRng};
+        let (model, vars) = tiny(2);
+        let mut rng = StdRng::seed_from_u64(5);
+        let data: Vec<Tokenized> = (0..64)
+            .map(|_| {
+                let response: Vec<u32> = (0..8).map(|_| rng.gen_range(2..40)).collect();
+                let aux = response.iter().enumerate().map(|(j, &t)| (j, [(t % 2) as f32, 0.0])).collect();
+                Tokenized { prompt: vec![rng.gen_range(2..40), rng.gen_range(2..40)], response, aux }
+            })
+            .collect();
+        let tc = TrainConfig { steps: 150, batch: 8, lr: 1e-2, warmup: 5, aux: 1.0 };
+        let curves = train(&model, &vars, &data, &[], &tc, 0, &mut rng, &indicatif::ProgressBar::hidden()).unwrap();
+        let probe: Vec<f64> = curves.rows.iter().rev().take(20).map(|r| r.1[3]).collect();
+        let last = probe.iter().sum::<f64>() / probe.len() as f64;
+        // half of the labels (the second column) are constant 0, so chance is ≈ 0.35
+        assert!(last < 0.2, "probe loss {last}");
+    }
+
+    #[test]
+    fn a_grown_policy_computes_what_the_checkpoint_did() {
+        let (small, small_vars) = tiny(2);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("small.safetensors");
+        small_vars.save(&path).unwrap();
+        let (big, big_vars) = tiny(3);
+        assert_eq!(load_grown(&big_vars, &path).unwrap(), 16, "one new block: 8 weights and 8 biases / norms");
+        let dev = Device::Cpu;
+        let ids = Tensor::new(&[[3u32, 7, 1, 30, 12]], &dev).unwrap();
+        let mask = Tensor::ones((1, 5), DType::U32, &dev).unwrap();
+        let pos = Tensor::arange(0u32, 5, &dev).unwrap().unsqueeze(0).unwrap();
+        let a = small.forward(&ids, &mask, &pos, None).unwrap().0;
+        let b = big.forward(&ids, &mask, &pos, None).unwrap().0;
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-6, "{diff}");
+    }
+
+    #[test]
     fn schedule_warms_up_then_decays() {
-        let cfg = TrainConfig { steps: 100, batch: 1, lr: 1.0, warmup: 10 };
+        let cfg = TrainConfig { steps: 100, batch: 1, lr: 1.0, warmup: 10, aux: 0.0 };
         assert!((lr_at(0, &cfg) - 0.1).abs() < 1e-9);
         assert!((lr_at(10, &cfg) - 1.0).abs() < 1e-9);
         assert!((lr_at(100, &cfg) - 0.1).abs() < 1e-9);

@@ -50,6 +50,37 @@ fn shown(sig: &Signal, labels: bool) -> Vec<Stated> {
     out.into_iter().map(|o| o.1).collect()
 }
 
+/// One quoted pole in a response's evidence lines (byte range in the response) and what is true
+/// of it: `key` — it is one of the user's preferences, with the user's stance (hidden from the
+/// student); `recurs` — the window or the previous preferences show it more than once (visible).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Mark {
+    pub start: usize,
+    pub end: usize,
+    pub key: bool,
+    pub recurs: bool,
+}
+
+/// Where `response`'s evidence lines quote each pole the window shows, with its marks: the
+/// targets of the SFT's auxiliary probe (docs/training.md, attempt 17). Poles are looked up in
+/// order from the start of the response, as `evidence` writes them.
+pub fn evidence_marks(user: &UserRecord, prev: &[Stated], window: &[Signal], rule: Rule, response: &str) -> Vec<Mark> {
+    let lines: Vec<Vec<Stated>> = window.iter().map(|s| shown(s, rule.labels())).collect();
+    let all: Vec<&Pref> = lines.iter().flatten().map(|s| &s.0).chain(prev.iter().map(|s| &s.0)).collect();
+    let mut out = Vec::new();
+    let mut at = 0;
+    for (p, words) in lines.iter().flatten() {
+        let Some(i) = response[at..].find(words.as_str()) else {
+            continue;
+        };
+        let start = at + i;
+        at = start + words.len();
+        let recurs = all.iter().filter(|q| **q == p).count() > 1;
+        out.push(Mark { start, end: at, key: user.prefs.contains(p), recurs });
+    }
+    out
+}
+
 fn is_ugc(sig: &Signal) -> bool {
     matches!(sig.0, EventBody::Ugc { .. })
 }
@@ -367,6 +398,40 @@ mod tests {
         assert!(c.reasoning.contains(&format!("3: chose {} again, {}.", label(3, 1), label(9, 1))), "{}", c.reasoning);
         assert!(c.reasoning.contains(&format!("2: wrote about {}.", label(20, 1))));
         assert!(c.reasoning.ends_with(&format!("So: {}, {}, {}.", label(51, 1), label(20, 1), label(3, 1))));
+    }
+
+    #[test]
+    fn evidence_marks_locate_each_quoted_pole_with_key_and_recurrence() {
+        let ph = |d: usize, dir: i8, i: usize| pole(d, dir).phrases[i];
+        let cmp = |t: String| EventBody::Comparison { post: "p".into(), chosen: t, rejected: "y".into() };
+        // dim 3 shows twice in other words; dim 7 once; dim 9 once but also in the past preferences
+        let b1 = cmp(format!("Try {}. Go for {}.", ph(3, 1, 0), ph(7, 1, 0)));
+        let b2 = cmp(format!("Try {}. Go for {}.", ph(9, -1, 0), ph(3, 1, 1)));
+        let a1 = ann(vec![Pref { dim: 3, dir: 1 }, Pref { dim: 7, dir: 1 }]);
+        let a2 = ann(vec![Pref { dim: 9, dir: -1 }, Pref { dim: 3, dir: 1 }]);
+        let w: Vec<Signal> = vec![(&b1, &a1), (&b2, &a2)];
+        let user = UserRecord {
+            user_id: "u".into(),
+            split: Split::Train,
+            prefs: vec![Pref { dim: 3, dir: 1 }, Pref { dim: 9, dir: 1 }],
+            golden: String::new(),
+            test_pairs: vec![],
+        };
+        let prev = vec![(Pref { dim: 9, dir: -1 }, "earlier".to_string())];
+        let c = &teach(&user, &prev, &w, Rule::KeyDims, 1, 0.0, &mut StdRng::seed_from_u64(4))[0];
+        let response = crate::prompt::build_response(&c.reasoning, &c.description);
+        let marks = evidence_marks(&user, &prev, &w, Rule::KeyDims, &response);
+        let got: Vec<(&str, bool, bool)> = marks.iter().map(|m| (&response[m.start..m.end], m.key, m.recurs)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (ph(3, 1, 0), true, true),
+                (ph(7, 1, 0), false, false),
+                (ph(9, -1, 0), false, true), // the user's stance on dim 9 is the other pole
+                (ph(3, 1, 1), true, true),
+            ]
+        );
+        assert!(marks.windows(2).all(|m| m[0].end <= m[1].start), "in order, in the evidence lines");
     }
 
     #[test]
