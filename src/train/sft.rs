@@ -330,14 +330,15 @@ pub fn train(
 pub fn load_grown(vars: &VarMap, path: &std::path::Path) -> candle_core::Result<usize> {
     let saved = candle_core::safetensors::load(path, &Device::Cpu)?;
     let data = vars.data().lock().expect("varmap lock");
+    // Only whole blocks may be new; anything else missing is the wrong checkpoint. Checked
+    // before anything is set, so a refused load leaves `vars` as it was.
+    if let Some(name) = data.keys().find(|n| !saved.contains_key(*n) && !n.starts_with("h.")) {
+        candle_core::bail!("{} has no tensor {name}: not a checkpoint of this policy", path.display())
+    }
     let mut new = 0;
     for (name, var) in data.iter() {
         match saved.get(name) {
             Some(t) => var.set(t)?,
-            // Only whole blocks may be new; anything else missing is the wrong checkpoint.
-            None if !name.starts_with("h.") => {
-                candle_core::bail!("{} has no tensor {name}: not a checkpoint of this policy", path.display())
-            }
             None => {
                 new += 1;
                 if name.contains(".attn.o.") || name.contains(".mlp.proj.") {
@@ -416,19 +417,22 @@ mod tests {
         small_vars.save(&path).unwrap();
         let (big, big_vars) = tiny(3);
         assert_eq!(load_grown(&big_vars, &path).unwrap(), 16, "one new block: 8 weights and 8 biases / norms");
-        let other = VarMap::new();
-        other.get((2, 2), "unrelated", candle_nn::Init::Const(0.0), DType::F32, &Device::Cpu).unwrap();
-        let wrong = dir.path().join("wrong.safetensors");
-        other.save(&wrong).unwrap();
-        assert!(load_grown(&big_vars, &wrong).is_err(), "a checkpoint without the embeddings is refused");
         let dev = Device::Cpu;
         let ids = Tensor::new(&[[3u32, 7, 1, 30, 12]], &dev).unwrap();
         let mask = Tensor::ones((1, 5), DType::U32, &dev).unwrap();
         let pos = Tensor::arange(0u32, 5, &dev).unwrap().unsqueeze(0).unwrap();
         let a = small.forward(&ids, &mask, &pos, None).unwrap().0;
         let b = big.forward(&ids, &mask, &pos, None).unwrap().0;
-        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (&a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-6, "{diff}");
+        let other = VarMap::new();
+        other.get((2, 2), "unrelated", candle_nn::Init::Const(0.0), DType::F32, &Device::Cpu).unwrap();
+        let wrong = dir.path().join("wrong.safetensors");
+        other.save(&wrong).unwrap();
+        assert!(load_grown(&big_vars, &wrong).is_err(), "a checkpoint without the embeddings is refused");
+        let same = big.forward(&ids, &mask, &pos, None).unwrap().0;
+        let moved = (a - same).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(moved < 1e-6, "a refused load changed nothing: {moved}");
     }
 
     #[test]
