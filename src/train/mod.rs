@@ -3,6 +3,7 @@
 pub mod alignx;
 pub mod attention;
 pub mod audit;
+pub mod base;
 pub mod batch;
 pub mod curves;
 pub mod dims;

@@ -39,21 +39,31 @@ impl GptConfig {
 
 /// θ^(-2i/head_dim) for each of the head's `head_dim / 2` rotated pairs (shared with the export).
 pub fn rotary_inv_freq(head_dim: usize) -> Vec<f32> {
-    (0..head_dim / 2).map(|i| ROPE_THETA.powf(-((2 * i) as f32) / head_dim as f32)).collect()
+    rotary_inv_freq_with(head_dim, ROPE_THETA)
+}
+
+/// `rotary_inv_freq` for another base θ (SmolLM2 uses 100,000).
+pub fn rotary_inv_freq_with(head_dim: usize, theta: f32) -> Vec<f32> {
+    (0..head_dim / 2).map(|i| theta.powf(-((2 * i) as f32) / head_dim as f32)).collect()
 }
 
 /// Rotary tables for `position_ids` `[b, s]`: cos and sin `[b, 1, s, head_dim]`, in the
 /// rotate-half layout (angle of pair i = position · θ^(-2i/head_dim), repeated for both halves).
 pub fn rotary_tables(position_ids: &Tensor, head_dim: usize) -> Result<(Tensor, Tensor)> {
+    rotary_tables_with(position_ids, head_dim, ROPE_THETA)
+}
+
+/// `rotary_tables` for another base θ.
+pub fn rotary_tables_with(position_ids: &Tensor, head_dim: usize, theta: f32) -> Result<(Tensor, Tensor)> {
     let (b, s) = position_ids.dims2()?;
-    let inv = Tensor::from_vec(rotary_inv_freq(head_dim), (1, 1, head_dim / 2), position_ids.device())?;
+    let inv = Tensor::from_vec(rotary_inv_freq_with(head_dim, theta), (1, 1, head_dim / 2), position_ids.device())?;
     let angles = position_ids.to_dtype(DType::F32)?.reshape((b, s, 1))?.broadcast_mul(&inv)?;
     let angles = Tensor::cat(&[&angles, &angles], 2)?.unsqueeze(1)?;
     Ok((angles.cos()?, angles.sin()?))
 }
 
 /// x·cos + rotate_half(x)·sin, x `[b, h, s, head_dim]`.
-fn rotate(x: &Tensor, (cos, sin): (&Tensor, &Tensor)) -> Result<Tensor> {
+pub(crate) fn rotate(x: &Tensor, (cos, sin): (&Tensor, &Tensor)) -> Result<Tensor> {
     let half = x.dim(3)? / 2;
     let rotated = Tensor::cat(&[&x.narrow(3, half, half)?.neg()?, &x.narrow(3, 0, half)?], 3)?;
     x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
