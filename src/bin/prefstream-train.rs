@@ -3,6 +3,8 @@
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
+use prefstream::train::base::package::{write_package, PackageSpec};
+use prefstream::train::base::{default_gguf, Base};
 use prefstream::train::eval::{markdown, SETTINGS};
 use prefstream::train::pipeline::{best_policy, Preset, Run};
 use prefstream::train::synth::SynthConfig;
@@ -100,6 +102,26 @@ enum Cmd {
         #[arg(long, env = "PREFSTREAM_EVAL_BEST_OF", default_value_t = 0)]
         best_of: usize,
     },
+    /// Package a pretrained base (+ a LoRA adapter) as a runnable model: merged weights in
+    /// ONNX, the base's tokenizer, a manifest naming the base by sha256 (ChatML template).
+    Package {
+        /// A GGUF file or a Hugging Face folder (config.json, model.safetensors, tokenizer.json);
+        /// default: the SmolLM2-135M-Instruct GGUF that scripts/setup.sh keeps in the cache.
+        #[arg(long, env = "PREFSTREAM_BASE")]
+        base: Option<PathBuf>,
+        /// adapter.safetensors (with its adapter.json beside it); none: the base as it is.
+        #[arg(long, env = "PREFSTREAM_ADAPTER")]
+        adapter: Option<PathBuf>,
+        /// Package directory to write.
+        #[arg(long, env = "PREFSTREAM_PACKAGE")]
+        out: PathBuf,
+        /// Keep only the first N layers (small packages for tests; 0 = all).
+        #[arg(long, env = "PREFSTREAM_BASE_LAYERS", default_value_t = 0)]
+        layers: usize,
+        /// Generation budget written in the manifest.
+        #[arg(long, env = "PREFSTREAM_MAX_NEW_TOKENS", default_value_t = 320)]
+        max_new_tokens: usize,
+    },
     /// The whole chain from the seed.
     All {
         #[command(flatten)]
@@ -160,6 +182,22 @@ fn main() -> Result<()> {
         Cmd::Eval { studies, greedy, judge_run, best_of } => {
             let rows = run.eval_step(&preset()?, &SETTINGS, *studies, *greedy, judge_run.as_deref(), *best_of)?;
             println!("{}", markdown(&rows))
+        }
+        Cmd::Package { base, adapter, out, layers, max_new_tokens } => {
+            let path = base.clone().unwrap_or_else(default_gguf);
+            let mut b = Base::load(&path)?;
+            if *layers > 0 {
+                b.truncate(*layers);
+            }
+            let version = format!("0.1.0+{}", if adapter.is_some() { "adapter" } else { "base" });
+            let spec = PackageSpec {
+                name: "prefstream-alignx-smollm2",
+                version: &version,
+                adapter: adapter.as_deref(),
+                max_new_tokens: *max_new_tokens,
+            };
+            let manifest = write_package(&b, &spec, out)?;
+            tracing::info!(manifest = %manifest.display(), "package written");
         }
         Cmd::All { synth, install, studies } => {
             let p = preset()?;

@@ -8,6 +8,7 @@
 pub mod gguf;
 pub mod hf;
 pub mod llama;
+pub mod package;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
