@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use prefstream::engine::{load_package, GenStats, Generator, Manifest};
 use prefstream::event::parse_event;
-use prefstream::prompt::build_prompt;
+use prefstream::prompt::Template;
 use prefstream::runtime::Device;
 use prefstream::sampling::argmax;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -192,7 +192,7 @@ fn throughput_table(rows: &[Value]) -> String {
 }
 
 /// 4-signal prompts from `examples/events.jsonl`, consecutive events in file order.
-fn event_prompts() -> Vec<String> {
+fn event_prompts(template: Template) -> Vec<String> {
     // The build tree's copy, else the working directory's (a bench binary shipped to another host).
     let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/events.jsonl");
     let path = if built.exists() { built } else { PathBuf::from("examples/events.jsonl") };
@@ -202,7 +202,7 @@ fn event_prompts() -> Vec<String> {
     let prompts: Vec<String> = events
         .chunks_exact(4)
         .filter(|w| w.iter().all(|e| e.user_id == w[0].user_id))
-        .map(|w| build_prompt(None, w.iter().map(|e| &e.body)))
+        .map(|w| template.build_prompt(None, w.iter().map(|e| &e.body)))
         .collect();
     if prompts.is_empty() {
         die(&format!("{}: no window of 4 events of one user", path.display()));
@@ -213,7 +213,7 @@ fn event_prompts() -> Vec<String> {
 fn package_bench(args: &Args) -> Value {
     let (manifest, mut gen) = open(&args.model, &args.device);
     let spec = gen.session().spec().clone();
-    let texts = event_prompts();
+    let texts = event_prompts(manifest.template);
     let mut encoded: Vec<Vec<u32>> = texts.iter().map(|p| gen.tokenizer().encode(p)).collect();
     // The prompt plus the longest run must fit under the model's position limit.
     let longest_run = args.new_tokens.max(args.cache_tokens);

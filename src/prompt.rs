@@ -1,24 +1,89 @@
-//! The one versioned prompt template (shared by training, evaluation and serving) and the
-//! parser + format check for model output.
+//! The versioned prompt templates (shared by training, evaluation and serving) and the parser +
+//! format check for model output.
 
 use crate::event::EventBody;
 
-/// Bump when the template text changes: a model is trained for exactly one template.
+/// The id of `Template::Plain`, the template the shipped package and the training code use.
 pub const TEMPLATE_ID: &str = "alignx-stream-v1";
 pub const THINK_OPEN: &str = "<think>";
 pub const THINK_CLOSE: &str = "</think>";
 pub const ANSWER_OPEN: &str = "<answer>";
 pub const ANSWER_CLOSE: &str = "</answer>";
+/// Our own tokenizer's end and padding tokens; other packages name theirs in the manifest.
 pub const EOS: &str = "<eos>";
 pub const PAD: &str = "<pad>";
 pub const NOT_PROVIDED: &str = "Not provided";
 /// Longest description accepted; longer output is treated as degenerate.
 pub const MAX_DESCRIPTION_CHARS: usize = 4096;
 
-/// The policy prompt. As in the AlignXplore reference code it ends by opening the reasoning
-/// tag, so the model continues with its reasoning. `previous` is the last description (streaming)
-/// or `None` (base setting).
-pub fn build_prompt<'a>(previous: Option<&str>, signals: impl IntoIterator<Item = &'a EventBody>) -> String {
+/// The prompt templates a package may name (`manifest.json` `template`). A model is trained for
+/// exactly one, so each is versioned: changing a template's text means a new id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Template {
+    /// `alignx-stream-v1`: plain text ending in `Assistant: <think>` (the shipped tiny model was
+    /// trained on it byte for byte).
+    Plain,
+    /// `alignx-stream-chatml-v1`: the same body as a ChatML system + user turn, for instruction
+    /// tuned bases (SmolLM2, Qwen) whose tokenizers mark turns with `<|im_start|>`/`<|im_end|>`.
+    ChatMl,
+}
+
+/// The system turn of `Template::ChatMl`.
+const CHATML_SYSTEM: &str = "You infer a user's preferences from their past preferences and new signals. \
+Answer as <think>reasoning</think><answer>description</answer>.";
+
+/// An unknown `template` id in a package.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown prompt template `{0}` (known: {known})", known = Template::known_ids())]
+pub struct UnknownTemplate(pub String);
+
+impl Template {
+    pub const ALL: [Template; 2] = [Template::Plain, Template::ChatMl];
+
+    pub fn from_id(id: &str) -> Result<Self, UnknownTemplate> {
+        Self::ALL.into_iter().find(|t| t.id() == id).ok_or_else(|| UnknownTemplate(id.to_string()))
+    }
+
+    pub fn id(self) -> &'static str {
+        match self {
+            Template::Plain => TEMPLATE_ID,
+            Template::ChatMl => "alignx-stream-chatml-v1",
+        }
+    }
+
+    /// The known ids, comma-separated (for error messages).
+    pub fn known_ids() -> String {
+        Self::ALL.map(Template::id).join(", ")
+    }
+
+    /// The policy prompt. As in the AlignXplore reference code it ends by opening the reasoning
+    /// tag, so the model continues with its reasoning. `previous` is the last description
+    /// (streaming) or `None` (base setting).
+    pub fn build_prompt<'a>(self, previous: Option<&str>, signals: impl IntoIterator<Item = &'a EventBody>) -> String {
+        let body = prompt_body(previous, signals);
+        match self {
+            Template::Plain => format!("{body}\nAssistant: {THINK_OPEN}"),
+            Template::ChatMl => format!(
+                "<|im_start|>system\n{CHATML_SYSTEM}<|im_end|>\n<|im_start|>user\n{body}<|im_end|>\n\
+                 <|im_start|>assistant\n{THINK_OPEN}"
+            ),
+        }
+    }
+
+    /// The training target for a prompt from `build_prompt`: what the model must continue with.
+    /// `Plain` is `build_response` (no end marker: training appends the eos id after encoding);
+    /// `ChatMl` closes the assistant turn with `eos` (`<|im_end|>`), as its chat format does.
+    pub fn build_response(self, reasoning: &str, description: &str, eos: &str) -> String {
+        match self {
+            Template::Plain => build_response(reasoning, description),
+            Template::ChatMl => format!("{}{eos}", build_response(reasoning, description)),
+        }
+    }
+}
+
+/// Instruction, past preferences and numbered signals: what every template carries. No
+/// trailing newline (each template adds its own turn ending).
+fn prompt_body<'a>(previous: Option<&str>, signals: impl IntoIterator<Item = &'a EventBody>) -> String {
     let prev = previous.map(str::trim).filter(|p| !p.is_empty()).unwrap_or(NOT_PROVIDED);
     let mut s = String::with_capacity(512);
     s.push_str("Infer the user's preferences from their past preferences and new signals.\n");
@@ -39,12 +104,17 @@ pub fn build_prompt<'a>(previous: Option<&str>, signals: impl IntoIterator<Item 
             EventBody::Forget => {}
         }
     }
-    s.push_str("Reason about the signals, then state the preferences.\nAssistant: ");
-    s.push_str(THINK_OPEN);
+    s.push_str("Reason about the signals, then state the preferences.");
     s
 }
 
-/// The training target for a prompt from `build_prompt`: what the model must continue with.
+/// `Template::Plain.build_prompt` (kept for the training code, which serves that template).
+pub fn build_prompt<'a>(previous: Option<&str>, signals: impl IntoIterator<Item = &'a EventBody>) -> String {
+    Template::Plain.build_prompt(previous, signals)
+}
+
+/// The training target for a prompt from `build_prompt` (`Template::Plain`): what the model must
+/// continue with.
 pub fn build_response(reasoning: &str, description: &str) -> String {
     format!("{reasoning}{THINK_CLOSE}{ANSWER_OPEN}{description}{ANSWER_CLOSE}")
 }
@@ -88,11 +158,12 @@ fn has_tag(s: &str) -> bool {
 }
 
 /// Parse what the model generated after the prompt (which already opened `<think>`; a leading
-/// `<think>` is tolerated for models prompted without it). End-of-sequence and padding markers
-/// are ignored. Strict: exactly `reasoning</think><answer>description</answer>`.
+/// `<think>` is tolerated for models prompted without it). Strict: exactly
+/// `reasoning</think><answer>description</answer>`. `generated` must not hold the package's end
+/// or padding tokens (`TextTokenizer::decode_output` leaves them out): their names differ per
+/// tokenizer, so they are not known here.
 pub fn parse_output(generated: &str) -> ParsedOutput {
-    let text = generated.replace(EOS, "").replace(PAD, "");
-    let body = text.trim_start().strip_prefix(THINK_OPEN).unwrap_or(&text);
+    let body = generated.trim_start().strip_prefix(THINK_OPEN).unwrap_or(generated);
     let fail = |reasoning: &str, e| ParsedOutput {
         reasoning: reasoning.trim().to_string(),
         description: None,
@@ -148,9 +219,52 @@ mod tests {
         assert_eq!(build_prompt(Some("  "), [&a]), build_prompt(None, [&a]));
     }
 
+    /// `Template::Plain` is the text the shipped model was trained on, byte for byte.
+    #[test]
+    fn plain_template_is_unchanged() {
+        let a = EventBody::Comparison { post: "P".into(), chosen: "C".into(), rejected: "R".into() };
+        let b = EventBody::Ugc { text: "T".into() };
+        let want = "Infer the user's preferences from their past preferences and new signals.\n\
+                    Past preferences: likes tea\nSignals:\n\
+                    1. *Post:* P *Chosen:* C *Rejected:* R\n2. *User wrote:* T\n\
+                    Reason about the signals, then state the preferences.\nAssistant: <think>";
+        assert_eq!(Template::Plain.build_prompt(Some("likes tea"), [&a, &b]), want);
+        assert_eq!(build_prompt(Some("likes tea"), [&a, &b]), want);
+        assert_eq!(Template::Plain.build_response("r", "d", "<eos>"), "r</think><answer>d</answer>");
+        assert_eq!(Template::Plain.build_response("r", "d", "<eos>"), build_response("r", "d"));
+    }
+
+    #[test]
+    fn chatml_template_wraps_the_same_body() {
+        let a = EventBody::Ugc { text: "T".into() };
+        let p = Template::ChatMl.build_prompt(None, [&a]);
+        assert!(p.starts_with("<|im_start|>system\n"), "{p}");
+        assert!(p.ends_with("<|im_end|>\n<|im_start|>assistant\n<think>"), "{p}");
+        let user = "<|im_start|>user\nInfer the user's preferences from their past preferences and new signals.\n\
+                    Past preferences: Not provided\nSignals:\n1. *User wrote:* T\n\
+                    Reason about the signals, then state the preferences.<|im_end|>\n";
+        assert!(p.contains(user), "{p}");
+        assert_eq!(p.matches("<|im_start|>").count(), 3);
+        let r = Template::ChatMl.build_response("r", "d", "<|im_end|>");
+        assert_eq!(r, "r</think><answer>d</answer><|im_end|>");
+        // The prompt opened <think>; the response without its end-of-turn marker parses.
+        assert!(parse_output(r.strip_suffix("<|im_end|>").unwrap()).format_ok());
+    }
+
+    #[test]
+    fn template_ids_round_trip_and_unknown_ones_name_the_known() {
+        for t in Template::ALL {
+            assert_eq!(Template::from_id(t.id()), Ok(t));
+        }
+        assert_eq!(Template::Plain.id(), TEMPLATE_ID);
+        assert_eq!(Template::ChatMl.id(), "alignx-stream-chatml-v1");
+        let e = Template::from_id("alignx-stream-v0").unwrap_err().to_string();
+        assert!(e.contains("alignx-stream-v0") && e.contains("alignx-stream-v1") && e.contains("chatml"), "{e}");
+    }
+
     #[test]
     fn well_formed_output_parses() {
-        let out = parse_output(&format!("{}<eos>", build_response("because", " The user likes tea. ")));
+        let out = parse_output(&build_response("because", " The user likes tea. "));
         assert_eq!(out.description.as_deref(), Some("The user likes tea."));
         assert_eq!(out.reasoning, "because");
         assert!(out.format_ok());

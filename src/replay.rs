@@ -313,8 +313,10 @@ pub async fn run(
             let users = staging.users_with("desc").await?;
             report.users = users.len();
             let kafka = KafkaSink::new(&cfg.kafka, &cfg.topics.events, &cfg.topics.updates, &cfg.topics.dlq)?;
+            // The staged descriptions are this replay's model's: its template goes out with them.
+            let template = ctx.inferencer.model().template;
             for user in users {
-                if let Err(e) = swap(&cfg, &live, &staging, &kafka, &user, &mut report).await {
+                if let Err(e) = swap(&cfg, &live, &staging, &kafka, &template, &user, &mut report).await {
                     report.errors.push(format!("{user}: {e:#}"));
                 }
             }
@@ -370,6 +372,7 @@ async fn swap(
     live: &RedisStore,
     staging: &RedisStore,
     sink: &KafkaSink,
+    template: &str,
     user: &str,
     report: &mut ReplayReport,
 ) -> anyhow::Result<()> {
@@ -408,7 +411,7 @@ async fn swap(
             model: crate::engine::ModelRef {
                 name: name.to_string(),
                 version: version_label.to_string(),
-                template: crate::prompt::TEMPLATE_ID.to_string(),
+                template: template.to_string(),
             },
             first_event_ts: None,
             last_event_ts: None,

@@ -93,7 +93,8 @@ pub fn answer_part(generated: &[u32], answer_open: Option<u32>) -> &[u32] {
 }
 
 /// The logits a row may pick from: `row` itself when the constraint is off (`n` = 0), else
-/// a copy in `scratch` with the answer's repeats blocked (`block_repeats`).
+/// a copy in `scratch` with the answer's repeats blocked (`block_repeats`). For a vocabulary
+/// whose `<answer>` is one token; `allowed_in` takes the answer itself.
 pub fn allowed<'a>(
     row: &'a [f32],
     generated: &[u32],
@@ -101,12 +102,18 @@ pub fn allowed<'a>(
     n: usize,
     scratch: &'a mut Vec<f32>,
 ) -> &'a [f32] {
+    allowed_in(row, answer_part(generated, answer_open), n, scratch)
+}
+
+/// `allowed` given the answer so far (the tokens after `<answer>`, however it was found:
+/// `tokenizer::AnswerStart` follows a tag spelled as text).
+pub fn allowed_in<'a>(row: &'a [f32], answer: &[u32], n: usize, scratch: &'a mut Vec<f32>) -> &'a [f32] {
     if n == 0 {
         return row;
     }
     scratch.clear();
     scratch.extend_from_slice(row);
-    block_repeats(scratch, answer_part(generated, answer_open), n);
+    block_repeats(scratch, answer, n);
     scratch
 }
 
@@ -159,6 +166,10 @@ mod tests {
         assert_eq!(answer_part(&[5, 9, 6, 7], Some(9)), &[6, 7]);
         assert_eq!(answer_part(&[5, 9], Some(9)), &[] as &[u32]);
         assert_eq!(answer_part(&[5, 9, 6], None), &[] as &[u32]);
+        let (row, mut scratch) = ([1.0f32; 4], Vec::new());
+        assert_eq!(allowed_in(&row, &[1, 2, 1], 2, &mut scratch), &[1.0, 1.0, f32::NEG_INFINITY, 1.0]);
+        assert_eq!(allowed(&row, &[0, 9, 1, 2, 1], Some(9), 2, &mut scratch), &[1.0, 1.0, f32::NEG_INFINITY, 1.0]);
+        assert_eq!(allowed_in(&row, &[1, 2, 1], 0, &mut scratch), &row);
     }
 
     #[test]

@@ -15,7 +15,6 @@ use clap::{Args, Parser, Subcommand};
 use prefstream::config::{parse_duration, KafkaArgs, ModelArgs, OpsArgs, PipelineArgs, ServiceArgs};
 use prefstream::engine::{load_package, BatcherConfig, Engine, EngineHandle, InferResult};
 use prefstream::event::{parse_event, EventBody};
-use prefstream::prompt::build_prompt;
 use prefstream::runtime::Device;
 use prefstream::sampling::SamplingParams;
 use prefstream::state::redis::RedisStore;
@@ -480,7 +479,7 @@ async fn check(args: CheckArgs) -> Result<()> {
         let (manifest, mut generator) = load_package(&model.model, &model.device)?;
         generator.max_new_tokens = 4;
         let started = Instant::now();
-        generator.generate(&[build_prompt(None, &[])], &SamplingParams::GREEDY, 0)?;
+        generator.generate(&[manifest.template.build_prompt(None, &[])], &SamplingParams::GREEDY, 0)?;
         Ok(format!(
             "{} {} ran on {} ({:.0} ms for 4 tokens)",
             manifest.name,
@@ -540,7 +539,7 @@ fn infer(args: InferArgs) -> Result<()> {
     let started = Instant::now();
     let (mut previous, mut tokens, mut result) = (args.previous.clone(), 0, None);
     for window in signals.chunks(args.window as usize) {
-        let prompt = build_prompt(previous.as_deref(), window);
+        let prompt = manifest.template.build_prompt(previous.as_deref(), window);
         let outputs = generator.generate(&[prompt], &params, args.seed)?;
         let r = InferResult::from_output(&outputs[0], 0.0);
         tokens += r.tokens;

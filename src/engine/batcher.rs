@@ -11,7 +11,6 @@ use rand::{rngs::StdRng, SeedableRng};
 
 use super::generate::RowSampler;
 use super::{load_package, EngineError, Generator, InferResult, Manifest, Request, Result};
-use crate::prompt::build_prompt;
 use crate::runtime::Device;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,7 +63,7 @@ impl EngineHandle {
 
     /// Runs one request through the batcher and waits for its result.
     pub fn infer(&self, req: Request) -> Result<InferResult> {
-        let prompt = build_prompt(req.previous.as_deref(), &req.signals);
+        let prompt = self.manifest.template.build_prompt(req.previous.as_deref(), &req.signals);
         let (reply, answer) = mpsc::sync_channel(1);
         let sampler = RowSampler { params: req.sampling, rng: StdRng::seed_from_u64(req.seed) };
         let job = Job { prompt, sampler, enqueued: Instant::now(), reply };

@@ -1,5 +1,6 @@
 //! Batched generation on a `DecoderSession`: left padding + attention mask, positions from the
-//! mask, per-row stop at `</answer>` / `<eos>`, and the cache handed from step to step.
+//! mask, per-row stop at `</answer>` (one token or text) or any end token, and the cache handed
+//! from step to step.
 
 use std::time::Instant;
 
@@ -8,13 +9,13 @@ use rand::{rngs::StdRng, SeedableRng};
 use super::session::{Cache, DecoderSession, StepInput};
 use super::Result;
 use crate::padding::{pad_left, positions};
-use crate::sampling::{allowed, sample, SamplingParams};
-use crate::tokenizer::TextTokenizer;
+use crate::sampling::{allowed_in, sample, SamplingParams};
+use crate::tokenizer::{AnswerStart, TextTokenizer};
 
 /// Why a row stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stop {
-    /// Produced `</answer>` or `<eos>`.
+    /// Completed `</answer>` or produced an end token (`TextTokenizer::is_stop`).
     StopToken,
     MaxTokens,
     /// The prompt leaves no room under the model's position limit.
@@ -25,6 +26,8 @@ pub enum Stop {
 pub struct Output {
     /// Generated ids (no prompt), ending with the stop token if one was produced.
     pub tokens: Vec<u32>,
+    /// The tokens' text without end and padding tokens (`TextTokenizer::decode_output`), as
+    /// `parse_output` reads it.
     pub text: String,
     pub stop: Stop,
 }
@@ -56,7 +59,7 @@ pub struct Generator {
     pub no_repeat_ngram: usize,
     /// Off: re-feed the whole sequence every step without a cache (reference path for benches).
     pub use_cache: bool,
-    /// On: never stop early at `</answer>` / `<eos>`; every row gets `max_new_tokens` (benches
+    /// On: never stop early at `</answer>` / an end token; every row gets `max_new_tokens` (benches
     /// that need a fixed number of tokens from an untrained model).
     pub ignore_stop: bool,
     stats: GenStats,
@@ -144,7 +147,7 @@ impl Generator {
         mut pick: impl FnMut(usize, &[f32]) -> u32,
     ) -> Result<Vec<Output>> {
         let n = prompts.len();
-        let (pad, eos, close) = (self.tokenizer.pad, self.tokenizer.eos, self.tokenizer.answer_close);
+        let pad = self.tokenizer.pad;
         let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
         let mut out: Vec<Output> =
             (0..n).map(|_| Output { tokens: vec![], text: String::new(), stop: Stop::MaxTokens }).collect();
@@ -168,6 +171,7 @@ impl Generator {
         let mut fed = 0; // columns already in the cache
         let mut done = vec![false; n];
         let mut scratch = Vec::new(); // for the no-repeat constraint
+        let mut answers = vec![AnswerStart::default(); n];
         for step in 0..max_new {
             let from = if self.use_cache { fed } else { 0 };
             let ids: Vec<i64> = seqs.iter().flat_map(|r| r[from..].iter().copied()).collect();
@@ -194,10 +198,13 @@ impl Generator {
                     pad // finished rows keep stepping; their tokens are ignored
                 } else {
                     let row = &res.logits[i * res.vocab..(i + 1) * res.vocab];
-                    let (answer_open, n) = (self.tokenizer.answer_open, self.no_repeat_ngram);
-                    let t = pick(i, allowed(row, &out[i].tokens, answer_open, n, &mut scratch));
+                    let answer = answers[i].answer(&out[i].tokens);
+                    let t = pick(i, allowed_in(row, answer, self.no_repeat_ngram, &mut scratch));
                     out[i].tokens.push(t);
-                    if !self.ignore_stop && (t == close || t == eos) {
+                    if self.no_repeat_ngram > 0 {
+                        answers[i].push(&self.tokenizer, &out[i].tokens);
+                    }
+                    if !self.ignore_stop && self.tokenizer.is_stop(&out[i].tokens) {
                         done[i] = true;
                         out[i].stop = Stop::StopToken;
                     }
@@ -212,7 +219,7 @@ impl Generator {
         }
         for o in out.iter_mut() {
             self.stats.generated_tokens += o.tokens.len();
-            o.text = self.tokenizer.decode(&o.tokens);
+            o.text = self.tokenizer.decode_output(&o.tokens);
         }
         Ok(out)
     }

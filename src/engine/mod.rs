@@ -14,10 +14,10 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::event::EventBody;
-use crate::prompt::{parse_output, TEMPLATE_ID};
+use crate::prompt::{parse_output, Template, ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN};
 use crate::runtime::{Device, RuntimeError};
 use crate::sampling::SamplingParams;
-use crate::tokenizer::{TextTokenizer, TokenizerError};
+use crate::tokenizer::{SpecialTokens, TextTokenizer, TokenizerError};
 
 pub use batcher::{BatcherConfig, Engine, EngineHandle};
 pub use generate::{GenStats, Generator, Output, Stop};
@@ -48,7 +48,10 @@ pub type Result<T, E = EngineError> = std::result::Result<T, E>;
 pub struct Manifest {
     pub name: String,
     pub version: String,
-    pub template: String,
+    /// The prompt template the model was trained for (`template`).
+    pub template: Template,
+    /// `special_tokens`: end and padding tokens by role (our own names where absent).
+    pub special_tokens: SpecialTokens,
     pub max_new_tokens: usize,
     /// `generation.no_repeat_ngram` (0 or absent: off); see `sampling::block_repeats`.
     pub no_repeat_ngram: usize,
@@ -66,10 +69,13 @@ impl Manifest {
         let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("manifest.json: {e}")))?;
         let string =
             |key: &str| v[key].as_str().map(str::to_string).ok_or_else(|| bad(format!("manifest lacks `{key}`")));
+        // A model is trained for exactly one prompt template: refuse an unknown one up front.
+        let template = Template::from_id(&string("template")?).map_err(|e| bad(e.to_string()))?;
         let m = Self {
             name: string("name")?,
             version: string("version")?,
-            template: string("template")?,
+            template,
+            special_tokens: special_tokens(&v["special_tokens"]).map_err(|e| bad(format!("special_tokens: {e}")))?,
             max_new_tokens: v["generation"]["max_new_tokens"]
                 .as_u64()
                 .ok_or_else(|| bad("manifest lacks `generation.max_new_tokens`".into()))?
@@ -79,18 +85,65 @@ impl Manifest {
             model_file: v["model"].as_str().unwrap_or("model.onnx").to_string(),
             tokenizer_file: v["tokenizer"].as_str().unwrap_or("tokenizer.json").to_string(),
         };
-        // A model is trained for exactly one prompt template: refuse a mismatch up front.
-        if m.template != TEMPLATE_ID {
-            return Err(bad(format!("template `{}` is not the one this build serves (`{TEMPLATE_ID}`)", m.template)));
-        }
         Ok(m)
     }
+}
+
+/// `special_tokens` of a manifest: `eos` (a string or a list; every one ends a row), `pad`, and
+/// the four tags. A missing key means our own tokenizer's name. The tags' text is the output
+/// format's; the key only documents it, so any other text is refused rather than silently
+/// parsed with ours.
+fn special_tokens(v: &serde_json::Value) -> std::result::Result<SpecialTokens, String> {
+    let mut out = SpecialTokens::default();
+    if v.is_null() {
+        return Ok(out);
+    }
+    if !v.is_object() {
+        return Err("must be an object".into());
+    }
+    let text = |key: &str| -> std::result::Result<Option<String>, String> {
+        match &v[key] {
+            serde_json::Value::Null => Ok(None),
+            serde_json::Value::String(s) if !s.is_empty() => Ok(Some(s.clone())),
+            other => Err(format!("`{key}` must be a non-empty string, not {other}")),
+        }
+    };
+    match &v["eos"] {
+        serde_json::Value::Null => {}
+        serde_json::Value::Array(list) if !list.is_empty() => {
+            out.eos = list
+                .iter()
+                .map(|t| t.as_str().filter(|s| !s.is_empty()).map(str::to_string))
+                .collect::<Option<_>>()
+                .ok_or_else(|| format!("`eos` must list non-empty strings, not {}", v["eos"]))?;
+        }
+        _ => out.eos = vec![text("eos")?.ok_or("`eos` is null")?],
+    }
+    if let Some(pad) = text("pad")? {
+        out.pad = pad;
+    }
+    for (key, tag) in [
+        ("think_open", THINK_OPEN),
+        ("think_close", THINK_CLOSE),
+        ("answer_open", ANSWER_OPEN),
+        ("answer_close", ANSWER_CLOSE),
+    ] {
+        if let Some(t) = text(key)? {
+            if t != tag {
+                return Err(format!(
+                    "`{key}` is `{t}`, but the output format's tag is `{tag}` (a tag may be one token or plain \
+                     text; its text is fixed)"
+                ));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Loads a package directory into a ready generator.
 pub fn load_package(dir: &Path, device: &Device) -> Result<(Manifest, Generator)> {
     let manifest = Manifest::load(dir)?;
-    let tokenizer = TextTokenizer::load(&dir.join(&manifest.tokenizer_file))?;
+    let tokenizer = TextTokenizer::load_with(&dir.join(&manifest.tokenizer_file), &manifest.special_tokens)?;
     let session = DecoderSession::open(&dir.join(&manifest.model_file), device)?;
     let mut generator = Generator::new(session, tokenizer, manifest.max_new_tokens, manifest.max_positions);
     generator.no_repeat_ngram = manifest.no_repeat_ngram;
@@ -114,7 +167,7 @@ impl ModelRef {
 
 impl From<&Manifest> for ModelRef {
     fn from(m: &Manifest) -> Self {
-        Self { name: m.name.clone(), version: m.version.clone(), template: m.template.clone() }
+        Self { name: m.name.clone(), version: m.version.clone(), template: m.template.id().to_string() }
     }
 }
 
@@ -143,7 +196,7 @@ pub struct InferResult {
     pub reasoning: String,
     pub format_ok: bool,
     pub format_error: Option<String>,
-    /// Everything generated after the prompt, tags included.
+    /// Everything generated after the prompt, tags included, end and padding tokens left out.
     pub raw: String,
     /// Generated tokens.
     pub tokens: usize,
@@ -167,5 +220,49 @@ impl InferResult {
             tokens: out.tokens.len(),
             latency_ms,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn manifest(extra: serde_json::Value) -> Result<Manifest> {
+        let dir = tempfile::tempdir().unwrap();
+        let mut v = json!({"name": "m", "version": "1", "template": "alignx-stream-v1",
+                           "generation": {"max_new_tokens": 8}});
+        v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        std::fs::write(dir.path().join("manifest.json"), v.to_string()).unwrap();
+        Manifest::load(dir.path())
+    }
+
+    #[test]
+    fn special_tokens_by_role_default_to_our_names() {
+        let m = manifest(json!({})).unwrap();
+        assert_eq!((m.template, m.special_tokens), (Template::Plain, SpecialTokens::default()));
+        let m = manifest(json!({"template": "alignx-stream-chatml-v1",
+            "special_tokens": {"eos": "<|im_end|>", "pad": "<|im_end|>", "answer_close": "</answer>"}}))
+        .unwrap();
+        assert_eq!(m.template, Template::ChatMl);
+        assert_eq!(m.special_tokens, SpecialTokens { eos: vec!["<|im_end|>".into()], pad: "<|im_end|>".into() });
+        let m = manifest(json!({"special_tokens": {"eos": ["<|im_end|>", "<|endoftext|>"]}})).unwrap();
+        assert_eq!(m.special_tokens.eos, ["<|im_end|>", "<|endoftext|>"]);
+        assert_eq!(m.special_tokens.pad, "<pad>");
+    }
+
+    #[test]
+    fn bad_manifests_are_refused_with_the_reason() {
+        let err = |extra| manifest(extra).unwrap_err().to_string();
+        let e = err(json!({"template": "alignx-stream-v9"}));
+        assert!(e.contains("alignx-stream-v9") && e.contains("alignx-stream-chatml-v1"), "{e}");
+        let e = err(json!({"special_tokens": {"eos": []}}));
+        assert!(e.contains("special_tokens") && e.contains("eos"), "{e}");
+        let e = err(json!({"special_tokens": {"eos": ["<|im_end|>", 3]}}));
+        assert!(e.contains("eos"), "{e}");
+        let e = err(json!({"special_tokens": {"answer_close": "</ans>"}}));
+        assert!(e.contains("</ans>") && e.contains("</answer>"), "{e}");
+        let e = err(json!({"special_tokens": "<eos>"}));
+        assert!(e.contains("object"), "{e}");
     }
 }
