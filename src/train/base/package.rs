@@ -75,7 +75,8 @@ pub fn write_package(base: &Base, spec: &PackageSpec, out: &Path) -> Result<Path
         "model": "model.onnx",
         "tokenizer": "tokenizer.json",
         "special_tokens": {
-            "eos": END_OF_TURN, "pad": END_OF_TURN,
+            // The end of a turn, and the end of text should a model skip `<|im_end|>`.
+            "eos": [END_OF_TURN, "<|endoftext|>"], "pad": END_OF_TURN,
             "think_open": "<think>", "think_close": "</think>",
             "answer_open": "<answer>", "answer_close": "</answer>"
         },
@@ -94,4 +95,62 @@ pub fn write_package(base: &Base, spec: &PackageSpec, out: &Path) -> Result<Path
     let path = out.join("manifest.json");
     std::fs::write(&path, serde_json::to_string_pretty(&manifest)?)?;
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::base::gguf::tokenizer_json;
+    use crate::train::base::llama::tests::{random_base, tiny_config};
+    use candle_core::quantized::gguf_file::Value;
+    use std::collections::HashMap;
+
+    /// The tiny config's 40-token vocabulary as a ChatML byte-level tokenizer.
+    fn chatml_base() -> Base {
+        let mut base = random_base(&tiny_config());
+        let mut tokens: Vec<String> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"].map(String::from).to_vec();
+        tokens.extend((b'a'..=b'z').map(|c| (c as char).to_string()));
+        tokens.extend(["<", ">", "/", "Ġ", "Ċ", "0", "1", "2", "3", "4", "5"].map(String::from));
+        let s = |x: &str| Value::String(x.into());
+        let mut m = HashMap::new();
+        m.insert("tokenizer.ggml.model".into(), s("gpt2"));
+        m.insert("tokenizer.ggml.tokens".into(), Value::Array(tokens.iter().map(|t| s(t)).collect()));
+        m.insert("tokenizer.ggml.merges".into(), Value::Array(vec![]));
+        let types = (0..tokens.len()).map(|i| Value::I32(if i < 3 { 3 } else { 1 })).collect();
+        m.insert("tokenizer.ggml.token_type".into(), Value::Array(types));
+        base.tokenizer_json = tokenizer_json(&m).unwrap();
+        base.source.sha256 = "aa".into();
+        base
+    }
+
+    fn spec(adapter: Option<&Path>) -> PackageSpec<'_> {
+        PackageSpec { name: "t", version: "0", adapter, max_new_tokens: 8 }
+    }
+
+    #[test]
+    fn a_package_loads_and_an_adapter_for_another_base_is_refused() {
+        let base = chatml_base();
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("pkg");
+        write_package(&base, &spec(None), &out).unwrap();
+        let m = crate::engine::Manifest::load(&out).unwrap();
+        assert_eq!(m.template.id(), CHATML_TEMPLATE);
+        assert_eq!(m.special_tokens.pad, END_OF_TURN);
+
+        let lora = LoraConfig::all_projections(2, 1);
+        let vars = VarMap::new();
+        Llama::new(&base, Some((&lora, &vars))).unwrap();
+        let adapter = dir.path().join("adapter.safetensors");
+        vars.save(&adapter).unwrap();
+        let info = |sha: &str| AdapterInfo { lora: lora.clone(), base_sha256: sha.into() };
+        std::fs::write(dir.path().join("adapter.json"), serde_json::to_string(&info("bb")).unwrap()).unwrap();
+        let err = format!("{:#}", write_package(&base, &spec(Some(&adapter)), &out).unwrap_err());
+        assert!(err.contains("scripts/setup.sh") && err.contains("bb"), "{err}");
+        std::fs::write(dir.path().join("adapter.json"), serde_json::to_string(&info("aa")).unwrap()).unwrap();
+        write_package(&base, &spec(Some(&adapter)), &out).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+        assert_eq!(v["base"]["sha256"], "aa");
+        assert_eq!(v["adapter"]["lora"]["rank"], 2);
+    }
 }
