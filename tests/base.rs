@@ -2,7 +2,10 @@
 //! factual question, and its ONNX export computes what candle computes. Needs the GGUF in the
 //! cache and ONNX Runtime; a missing one fails with the fix in the message.
 
+mod onnx_check;
+
 use candle_core::{Device, Tensor};
+use onnx_check::{max_diff, ort_f32, ort_i64};
 use ort::session::SessionInputValue;
 use prefstream::runtime::{self, Device as OrtDevice};
 use prefstream::train::base::llama::Llama;
@@ -32,26 +35,6 @@ fn the_loaded_base_answers_a_factual_question() {
     let out = model.greedy(&ids, 12, &[im_end]).unwrap();
     let text = tok.decode(&out, false).unwrap();
     assert!(text.contains("Paris"), "answered {text:?}");
-}
-
-fn ort_i64(rows: &[Vec<u32>]) -> SessionInputValue<'static> {
-    let shape = vec![rows.len() as i64, rows[0].len() as i64];
-    let data: Vec<i64> = rows.iter().flatten().map(|&v| v as i64).collect();
-    ort::value::Tensor::from_array((shape, data)).unwrap().into()
-}
-
-fn ort_f32(t: &Tensor) -> SessionInputValue<'static> {
-    let shape: Vec<i64> = t.dims().iter().map(|&d| d as i64).collect();
-    let data = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    ort::value::Tensor::from_array((shape, data)).unwrap().into()
-}
-
-fn max_diff(outputs: &ort::session::SessionOutputs, name: &str, expected: &Tensor) -> f32 {
-    let (shape, data) = outputs[name].try_extract_tensor::<f32>().unwrap();
-    let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
-    assert_eq!(dims, expected.dims(), "{name} shape");
-    let want = expected.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    data.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max)
 }
 
 /// fp32, the first two layers of the real weights, left padding, with and without a past.

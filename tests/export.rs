@@ -1,10 +1,13 @@
 //! The exported ONNX graphs must compute what the candle models compute. Needs ONNX Runtime
 //! (`scripts/setup.sh`); a missing library fails the test with the fix in the message.
 
+mod onnx_check;
+
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use onnx_check::{max_diff, ort_f32, ort_i64};
 use ort::session::{Session, SessionInputValue};
 use prefstream::runtime::{self, Device as OrtDevice};
 use prefstream::train::export::{export_judge, export_policy};
@@ -34,31 +37,10 @@ fn ids_tensor(rows: &[Vec<u32>]) -> Tensor {
     Tensor::new(rows.to_vec(), &Device::Cpu).unwrap()
 }
 
-fn ort_i64(rows: &[Vec<u32>]) -> SessionInputValue<'static> {
-    let shape = vec![rows.len() as i64, rows[0].len() as i64];
-    let data: Vec<i64> = rows.iter().flatten().map(|&v| v as i64).collect();
-    ort::value::Tensor::from_array((shape, data)).unwrap().into()
-}
-
-fn ort_f32(t: &Tensor) -> SessionInputValue<'static> {
-    let shape: Vec<i64> = t.dims().iter().map(|&d| d as i64).collect();
-    let data = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    ort::value::Tensor::from_array((shape, data)).unwrap().into()
-}
-
 /// Guards against a vacuous comparison (e.g. everything ~0).
 fn assert_nontrivial(t: &Tensor) {
     let m = t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(m > 0.1, "reference output is near zero ({m})");
-}
-
-/// Max |onnx - candle| after checking the shapes agree.
-fn max_diff(outputs: &ort::session::SessionOutputs, name: &str, expected: &Tensor) -> f32 {
-    let (shape, data) = outputs[name].try_extract_tensor::<f32>().unwrap();
-    let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
-    assert_eq!(dims, expected.dims(), "{name} shape");
-    let want = expected.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    data.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max)
 }
 
 /// Runs the policy graph and returns the worst diff over logits and all presents.

@@ -195,12 +195,7 @@ impl Gpt {
     /// log p(target) at each of the flat positions `at` of `hidden` `[b, s, d]` (row-major
     /// `b * s + j`), projecting only those positions onto the vocabulary. Returns `[at.len()]`.
     pub fn target_logprobs(&self, hidden: &Tensor, at: Vec<u32>, targets: Vec<u32>) -> Result<Tensor> {
-        let (b, s, d) = hidden.dims3()?;
-        let n = at.len();
-        let dev = hidden.device();
-        let rows = hidden.reshape((b * s, d))?.index_select(&Tensor::from_vec(at, n, dev)?, 0)?;
-        let logp = candle_nn::ops::log_softmax(&self.logits(&rows)?, D::Minus1)?;
-        logp.gather(&Tensor::from_vec(targets, (n, 1), dev)?, 1)?.squeeze(1)
+        target_logprobs(hidden, at, targets, |rows| self.logits(rows))
     }
 
     /// `forward` without the vocabulary projection: the final (normed) hidden states `[b, s, d]`.
@@ -252,6 +247,22 @@ impl Gpt {
             .map(|_| Ok((Tensor::zeros(shape, DType::F32, device)?, Tensor::zeros(shape, DType::F32, device)?)))
             .collect()
     }
+}
+
+/// log p(target) at the flat positions `at` (row-major `b * s + j`) of `hidden` `[b, s, d]`,
+/// projecting only those rows through `logits`. Returns `[at.len()]`.
+pub(crate) fn target_logprobs(
+    hidden: &Tensor,
+    at: Vec<u32>,
+    targets: Vec<u32>,
+    logits: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let (b, s, d) = hidden.dims3()?;
+    let n = at.len();
+    let dev = hidden.device();
+    let rows = hidden.reshape((b * s, d))?.index_select(&Tensor::from_vec(at, n, dev)?, 0)?;
+    let logp = candle_nn::ops::log_softmax(&logits(&rows)?, D::Minus1)?;
+    logp.gather(&Tensor::from_vec(targets, (n, 1), dev)?, 1)?.squeeze(1)
 }
 
 pub use crate::padding::positions_from_mask;

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{layer_name, Base, LlamaConfig, EMBED, FINAL_NORM, LM_HEAD, NORMS, PROJECTIONS};
 use crate::train::attention::AttnMask;
-use crate::train::model::{rotary_tables_with, rotate, KvPair};
+use crate::train::model::{rotary_tables_with, rotate, target_logprobs, KvPair};
 
 /// Where the adapters go. LoRA: `W x + (α / r) · B A x`, A `[r, in]` random, B `[out, r]` zero,
 /// so training starts from the base exactly.
@@ -206,12 +206,7 @@ impl Llama {
     /// log p(target) at the flat positions `at` of `hidden` `[b, s, d]`; only those rows are
     /// projected onto the 49k-token vocabulary.
     pub fn target_logprobs(&self, hidden: &Tensor, at: Vec<u32>, targets: Vec<u32>) -> Result<Tensor> {
-        let (b, s, d) = hidden.dims3()?;
-        let n = at.len();
-        let dev = hidden.device();
-        let rows = hidden.reshape((b * s, d))?.index_select(&Tensor::from_vec(at, n, dev)?, 0)?;
-        let logp = candle_nn::ops::log_softmax(&self.logits(&rows)?, D::Minus1)?;
-        logp.gather(&Tensor::from_vec(targets, (n, 1), dev)?, 1)?.squeeze(1)
+        target_logprobs(hidden, at, targets, |rows| self.logits(rows))
     }
 
     pub fn empty_past(&self, batch: usize, device: &Device) -> Result<Vec<KvPair>> {
