@@ -8,7 +8,7 @@ use prefstream::train::base::{default_gguf, Base};
 use prefstream::train::eval::{markdown, SETTINGS};
 use prefstream::train::pipeline::{best_policy, Preset, Run};
 use prefstream::train::synth::SynthConfig;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 #[derive(Parser)]
@@ -102,6 +102,24 @@ enum Cmd {
         #[arg(long, env = "PREFSTREAM_EVAL_BEST_OF", default_value_t = 0)]
         best_of: usize,
     },
+    /// Cold start on a pretrained base: LoRA adapters (base frozen) trained on the teacher's
+    /// judge-filtered reasoning in ChatML (base_sft/adapter.safetensors). Needs synth,
+    /// tokenizer and judge in the run.
+    BaseSft(BaseArg),
+    /// GRPO of the base SFT adapter with the judge reward (base_grpo/adapter.safetensors).
+    BaseGrpo(BaseArg),
+    /// Acc_jud of the base policies (base_sft, base_grpo) on held-out users beside Null, the
+    /// raw signals and Golden (base_eval.json, base_eval.md).
+    BaseEval {
+        #[command(flatten)]
+        base: BaseArg,
+        /// Also the base without adapters (zero-shot).
+        #[arg(long, env = "PREFSTREAM_ZERO_SHOT")]
+        zero_shot: bool,
+        /// Greedy decoding instead of the paper's inference sampling.
+        #[arg(long, env = "PREFSTREAM_EVAL_GREEDY")]
+        greedy: bool,
+    },
     /// Package a pretrained base (+ a LoRA adapter) as a runnable model: merged weights in
     /// ONNX, the base's tokenizer, a manifest naming the base by sha256 (ChatML template).
     Package {
@@ -132,7 +150,26 @@ enum Cmd {
         /// Also the robustness and efficiency studies (≈ 7 min; `eval --studies` runs them later).
         #[arg(long, env = "PREFSTREAM_STUDIES")]
         studies: bool,
+        /// Train on a pretrained base instead of the tiny decoder: synth, tokenizer, judge,
+        /// base-sft, base-grpo, base-eval, then the package in RUN/base_package. `--base`
+        /// alone takes the SmolLM2-135M-Instruct GGUF that scripts/setup.sh keeps in the cache.
+        #[arg(long, num_args = 0..=1, value_name = "PATH")]
+        base: Option<Option<PathBuf>>,
     },
+}
+
+#[derive(Args, Clone)]
+struct BaseArg {
+    /// A GGUF file or a Hugging Face folder; default: the SmolLM2-135M-Instruct GGUF that
+    /// scripts/setup.sh keeps in the cache.
+    #[arg(long, env = "PREFSTREAM_BASE")]
+    base: Option<PathBuf>,
+}
+
+impl BaseArg {
+    fn path(&self) -> PathBuf {
+        self.base.clone().unwrap_or_else(default_gguf)
+    }
 }
 
 fn synth_cfg(a: &SynthArgs, p: &Preset, seed: u64) -> SynthConfig {
@@ -183,28 +220,41 @@ fn main() -> Result<()> {
             let rows = run.eval_step(&preset()?, &SETTINGS, *studies, *greedy, judge_run.as_deref(), *best_of)?;
             println!("{}", markdown(&rows))
         }
-        Cmd::Package { base, adapter, out, layers, max_new_tokens } => {
-            let path = base.clone().unwrap_or_else(default_gguf);
-            let mut b = Base::load(&path)?;
-            if *layers > 0 {
-                b.truncate(*layers);
-            }
-            let version = format!("0.1.0+{}", if adapter.is_some() { "adapter" } else { "base" });
-            let spec = PackageSpec {
-                name: "prefstream-alignx-smollm2",
-                version: &version,
-                adapter: adapter.as_deref(),
-                max_new_tokens: *max_new_tokens,
-            };
-            let manifest = write_package(&b, &spec, out)?;
-            tracing::info!(manifest = %manifest.display(), "package written");
+        Cmd::BaseSft(b) => {
+            run.base_sft_step(&preset()?, &b.path())?;
         }
-        Cmd::All { synth, install, studies } => {
+        Cmd::BaseGrpo(b) => {
+            run.base_grpo_step(&preset()?, &b.path())?;
+        }
+        Cmd::BaseEval { base, zero_shot, greedy } => {
+            let rows = run.base_eval_step(&preset()?, &base.path(), &SETTINGS, *zero_shot, *greedy)?;
+            println!("{}", markdown(&rows))
+        }
+        Cmd::Package { base, adapter, out, layers, max_new_tokens } => {
+            package(&base.clone().unwrap_or_else(default_gguf), adapter.as_deref(), out, *layers, *max_new_tokens)?;
+        }
+        Cmd::All { synth, install, studies, base } => {
             let p = preset()?;
             run.set_preset(&p)?;
             run.synth(&synth_cfg(synth, &p, cli.seed), synth.alignx.as_deref())?;
             run.tokenizer_step(p.vocab)?;
             run.judge_step(&p)?;
+            if let Some(base) = base {
+                let path = base.clone().unwrap_or_else(default_gguf);
+                let mut adapter = run.base_sft_step(&p, &path)?;
+                if p.base.grpo_steps > 0 {
+                    adapter = run.base_grpo_step(&p, &path)?;
+                }
+                let rows = run.base_eval_step(&p, &path, &SETTINGS, false, false)?;
+                println!("{}", markdown(&rows));
+                let out = cli.run.join("base_package");
+                package(&path, Some(&adapter), &out, 0, p.base.max_new_tokens)?;
+                if let Some(dest) = install {
+                    install_package(&out, dest, &["model.onnx", "tokenizer.json", "manifest.json"])?;
+                }
+                tracing::info!(seconds = started.elapsed().as_secs_f64(), "done");
+                return Ok(());
+            }
             run.sft_step(&p, false)?;
             run.grpo_step(&p)?;
             if p.rft_users > 0 {
@@ -215,14 +265,31 @@ fn main() -> Result<()> {
             let package = cli.run.join("package");
             run.export_step(&package, &p, best_policy(&rows))?;
             if let Some(dest) = install {
-                std::fs::create_dir_all(dest)?;
-                for f in ["model.onnx", "judge.onnx", "tokenizer.json", "manifest.json"] {
-                    std::fs::copy(package.join(f), dest.join(f))?;
-                }
-                tracing::info!(dest = %dest.display(), "package installed");
+                install_package(&package, dest, &["model.onnx", "judge.onnx", "tokenizer.json", "manifest.json"])?;
             }
         }
     }
     tracing::info!(seconds = started.elapsed().as_secs_f64(), "done");
+    Ok(())
+}
+
+fn package(base: &Path, adapter: Option<&Path>, out: &Path, layers: usize, max_new_tokens: usize) -> Result<()> {
+    let mut b = Base::load(base)?;
+    if layers > 0 {
+        b.truncate(layers);
+    }
+    let version = format!("0.1.0+{}", if adapter.is_some() { "adapter" } else { "base" });
+    let spec = PackageSpec { name: "prefstream-alignx-smollm2", version: &version, adapter, max_new_tokens };
+    let manifest = write_package(&b, &spec, out)?;
+    tracing::info!(manifest = %manifest.display(), "package written");
+    Ok(())
+}
+
+fn install_package(package: &Path, dest: &Path, files: &[&str]) -> Result<()> {
+    std::fs::create_dir_all(dest)?;
+    for f in files {
+        std::fs::copy(package.join(f), dest.join(f))?;
+    }
+    tracing::info!(dest = %dest.display(), "package installed");
     Ok(())
 }

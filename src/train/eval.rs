@@ -5,12 +5,12 @@
 use super::audit::{audit, mean_audit, Audit};
 use super::generate::generate;
 use super::judge::{mean, Scorer};
-use super::model::Gpt;
+use super::model::Decoder;
 use super::sft::user_windows;
 use super::synth::{describe_surfaces, render_ugc, Annotation, Pair, Pref, Split, UserRecord, World};
 use super::teacher::{Rule, Stated};
 use crate::event::EventBody;
-use crate::prompt::{build_prompt, parse_output, NOT_PROVIDED};
+use crate::prompt::{build_prompt, parse_output, Template, NOT_PROVIDED};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::TextTokenizer;
 use rand::Rng;
@@ -279,7 +279,9 @@ pub struct Rerank<'a> {
 
 /// Generation settings shared by the studies.
 pub struct Policy<'a> {
-    pub model: &'a Gpt,
+    pub model: &'a dyn Decoder,
+    /// The prompt template the policy was trained on.
+    pub template: Template,
     pub tok: &'a TextTokenizer,
     pub params: SamplingParams,
     pub max_new: usize,
@@ -292,11 +294,11 @@ pub struct Policy<'a> {
 /// A prompt and the window of signals it was built from.
 pub type Job<'e> = (String, Vec<&'e EventBody>);
 
-fn job<'e>(previous: Option<&str>, window: Vec<&'e EventBody>) -> Job<'e> {
-    (build_prompt(previous, window.iter().copied()), window)
-}
-
 impl Policy<'_> {
+    fn job<'e>(&self, previous: Option<&str>, window: Vec<&'e EventBody>) -> Job<'e> {
+        (self.template.build_prompt(previous, window.iter().copied()), window)
+    }
+
     /// Descriptions (None where the format check failed) for each prompt.
     pub fn describe(&self, jobs: &[Job], rng: &mut impl Rng) -> anyhow::Result<Vec<Option<String>>> {
         let n = self.rerank.map_or(1, |r| r.candidates.max(1));
@@ -319,13 +321,13 @@ impl Policy<'_> {
 
     /// Final descriptions of each user in one setting.
     pub fn run(&self, users: &[EvalUser], setting: Setting, rng: &mut impl Rng) -> anyhow::Result<Vec<Option<String>>> {
-        let base = |from, to| users.iter().map(|u| job(None, u.span(from, to))).collect();
+        let base = |from, to| users.iter().map(|u| self.job(None, u.span(from, to))).collect();
         let jobs: Vec<Job> = match setting {
             Setting::Base4 => base(0, 4),
             Setting::Base8 => base(0, 8),
             Setting::Stream44 => {
                 let first = self.describe(&base(0, 4), rng)?;
-                users.iter().zip(&first).map(|(u, d)| job(d.as_deref(), u.span(4, 8))).collect()
+                users.iter().zip(&first).map(|(u, d)| self.job(d.as_deref(), u.span(4, 8))).collect()
             }
         };
         self.describe(&jobs, rng)
@@ -442,8 +444,8 @@ pub fn efficiency(
     let tokens = |ps: &[Job]| ps.iter().map(|p| policy.tok.encode(&p.0).len()).sum::<usize>() as f64 / n;
     for r in 1..=rounds {
         let stream: Vec<Job> =
-            users.iter().zip(&prev).map(|(u, d)| job(d.as_deref(), u.span(4 * (r - 1), 4 * r))).collect();
-        let base: Vec<Job> = users.iter().map(|u| job(None, u.span(0, 4 * r))).collect();
+            users.iter().zip(&prev).map(|(u, d)| policy.job(d.as_deref(), u.span(4 * (r - 1), 4 * r))).collect();
+        let base: Vec<Job> = users.iter().map(|u| policy.job(None, u.span(0, 4 * r))).collect();
         let t = Instant::now();
         prev = policy.describe(&stream, rng)?;
         let stream_ms = t.elapsed().as_secs_f64() * 1e3 / n;

@@ -2,9 +2,9 @@
 //! evaluation and GRPO; serving uses the ONNX engine).
 
 use super::batch::pad_left;
-use super::model::{positions_from_mask, Gpt, KvPair};
-use crate::sampling::{allowed, log_prob, sample, SamplingParams};
-use crate::tokenizer::TextTokenizer;
+use super::model::{positions_from_mask, Decoder, KvPair};
+use crate::sampling::{allowed_in, log_prob, sample, SamplingParams};
+use crate::tokenizer::{AnswerStart, TextTokenizer};
 use candle_core::{Device, Result, Tensor};
 use rand::Rng;
 
@@ -17,10 +17,11 @@ pub struct Generation {
     pub text: String,
 }
 
-/// Generate for each prompt (already tokenized) until `</answer>`, `<eos>` or `max_new` tokens,
-/// never repeating an n-gram of `no_repeat` tokens within the answer (0: off).
+/// Generate for each prompt (already tokenized) until `</answer>` (a token or spelled as text),
+/// an end token or `max_new` tokens, never repeating an n-gram of `no_repeat` tokens within the
+/// answer (0: off) — the stops and constraint of the engine, for any tokenizer.
 pub fn generate(
-    model: &Gpt,
+    model: &dyn Decoder,
     tok: &TextTokenizer,
     prompts: &[Vec<u32>],
     max_new: usize,
@@ -35,7 +36,7 @@ pub fn generate(
     let pos = positions_from_mask(&mask_rows, 0);
     let mut out: Vec<Generation> =
         (0..n).map(|_| Generation { tokens: vec![], logprobs: vec![], text: String::new() }).collect();
-    if batch.len >= model.cfg.max_positions {
+    if batch.len >= model.max_positions() {
         return Ok(out);
     }
     let (ids, mask) = batch.tensors(&dev)?;
@@ -46,8 +47,9 @@ pub fn generate(
     let mut logits = model.logits(&h.narrow(1, batch.len - 1, 1)?)?;
     let mut next_pos: Vec<u32> = mask_rows.iter().map(|r| r.iter().sum()).collect();
     let mut done = vec![false; n];
+    let mut answers = vec![AnswerStart::default(); n];
     // Learned positions end at max_positions: a longer sequence cannot be continued.
-    let max_new = max_new.min(model.cfg.max_positions.saturating_sub(batch.len));
+    let max_new = max_new.min(model.max_positions().saturating_sub(batch.len));
     if max_new == 0 {
         return Ok(out);
     }
@@ -59,13 +61,16 @@ pub fn generate(
             let t = if done[i] {
                 tok.pad
             } else {
-                sample(allowed(row, &out[i].tokens, tok.answer_open, no_repeat, &mut scratch), params, rng)
+                sample(allowed_in(row, answers[i].answer(&out[i].tokens), no_repeat, &mut scratch), params, rng)
             };
             if !done[i] {
                 out[i].tokens.push(t);
                 // Under the raw logits, as `response_logprobs` recomputes them for GRPO.
                 out[i].logprobs.push(log_prob(row, t));
-                done[i] = t == tok.answer_close || t == tok.eos;
+                if no_repeat > 0 {
+                    answers[i].push(tok, &out[i].tokens);
+                }
+                done[i] = tok.is_stop(&out[i].tokens);
             }
             step.push(t);
         }
@@ -85,7 +90,7 @@ pub fn generate(
         past = detached(p);
     }
     for g in out.iter_mut() {
-        g.text = tok.decode(&g.tokens);
+        g.text = tok.decode_output(&g.tokens);
     }
     Ok(out)
 }
@@ -100,7 +105,7 @@ fn detached(past: Vec<KvPair>) -> Vec<KvPair> {
 /// Sum of log-probabilities of `response` after `prompt` under `model`, per token, with the
 /// graph kept for backprop (GRPO). Rows are right-padded; returns `[b, max_resp]` log-probs and
 /// the 0/1 response mask.
-pub fn response_logprobs(model: &Gpt, seqs: &[(Vec<u32>, Vec<u32>)], pad: u32) -> Result<(Tensor, Tensor)> {
+pub fn response_logprobs(model: &dyn Decoder, seqs: &[(Vec<u32>, Vec<u32>)], pad: u32) -> Result<(Tensor, Tensor)> {
     let dev = Device::Cpu;
     let full: Vec<Vec<u32>> = seqs.iter().map(|(p, r)| p.iter().chain(r).copied().collect()).collect();
     let batch = super::batch::pad_right(&full, pad);
@@ -129,7 +134,7 @@ pub fn response_logprobs(model: &Gpt, seqs: &[(Vec<u32>, Vec<u32>)], pad: u32) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::model::GptConfig;
+    use crate::train::model::{Gpt, GptConfig};
     use candle_core::DType;
     use candle_nn::{VarBuilder, VarMap};
     use rand::{rngs::StdRng, SeedableRng};
@@ -137,10 +142,35 @@ mod tests {
     /// GRPO's ratio is exp(new − old): the log-probabilities recorded while sampling (left-padded
     /// batch, KV cache) must equal the ones recomputed for the update (right-padded, one pass),
     /// or the clip would act on a mismatch instead of on the policy's change.
+    /// Sample from `model`, recompute, compare (left- vs right-padded, cache vs one pass).
+    fn check_logprobs(model: &dyn Decoder, tok: &TextTokenizer, what: &str) {
+        // prompts of different lengths, so the sampling batch is left-padded
+        let prompts = vec![tok.encode("the user chose"), tok.encode("short replies and science topics the user")];
+        let params = SamplingParams::PAPER;
+        let outs = generate(model, tok, &prompts, 12, &params, 2, &mut StdRng::seed_from_u64(3)).unwrap();
+        let seqs: Vec<_> = prompts.iter().zip(&outs).map(|(p, o)| (p.clone(), o.tokens.clone())).collect();
+        let (lp, mask) = response_logprobs(model, &seqs, tok.pad).unwrap();
+        let (lp, mask) = (lp.to_vec2::<f32>().unwrap(), mask.to_vec2::<f32>().unwrap());
+        for (i, o) in outs.iter().enumerate() {
+            assert!(!o.tokens.is_empty());
+            for (j, old) in o.logprobs.iter().enumerate() {
+                assert_eq!(mask[i][j], 1.0);
+                assert!((lp[i][j] - old).abs() < 1e-4, "{what} row {i} token {j}: {} vs {old}", lp[i][j]);
+            }
+        }
+    }
+
+    fn tokenizer() -> TextTokenizer {
+        let text = "the user chose short replies and science topics <think> </think> <answer> </answer>";
+        TextTokenizer::train(std::iter::repeat_n(text.to_string(), 50), 300).unwrap()
+    }
+
+    /// GRPO's ratio is exp(new − old): the log-probabilities recorded while sampling (left-padded
+    /// batch, KV cache) must equal the ones recomputed for the update (right-padded, one pass),
+    /// or the clip would act on a mismatch instead of on the policy's change.
     #[test]
     fn sampled_logprobs_match_the_recomputed_ones() {
-        let text = "the user chose short replies and science topics <think> </think> <answer> </answer>";
-        let tok = TextTokenizer::train(std::iter::repeat_n(text.to_string(), 50), 300).unwrap();
+        let tok = tokenizer();
         let dev = Device::Cpu;
         for rotary in [false, true] {
             let cfg = GptConfig {
@@ -154,20 +184,19 @@ mod tests {
             };
             let vm = VarMap::new();
             let model = Gpt::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
-            // prompts of different lengths, so the sampling batch is left-padded
-            let prompts = vec![tok.encode("the user chose"), tok.encode("short replies and science topics the user")];
-            let params = SamplingParams::PAPER;
-            let outs = generate(&model, &tok, &prompts, 12, &params, 0, &mut StdRng::seed_from_u64(3)).unwrap();
-            let seqs: Vec<_> = prompts.iter().zip(&outs).map(|(p, o)| (p.clone(), o.tokens.clone())).collect();
-            let (lp, mask) = response_logprobs(&model, &seqs, tok.pad).unwrap();
-            let (lp, mask) = (lp.to_vec2::<f32>().unwrap(), mask.to_vec2::<f32>().unwrap());
-            for (i, o) in outs.iter().enumerate() {
-                assert!(!o.tokens.is_empty());
-                for (j, old) in o.logprobs.iter().enumerate() {
-                    assert_eq!(mask[i][j], 1.0);
-                    assert!((lp[i][j] - old).abs() < 1e-4, "rotary {rotary} row {i} token {j}: {} vs {old}", lp[i][j]);
-                }
-            }
+            check_logprobs(&model, &tok, &format!("gpt, rotary {rotary}"));
         }
+    }
+
+    /// The same for the pretrained-base decoder (grouped-query attention, LoRA adapters).
+    #[test]
+    fn sampled_logprobs_match_the_recomputed_ones_on_a_llama() {
+        use crate::train::base::llama::tests::{random_base, tiny_config};
+        use crate::train::base::llama::{Llama, LoraConfig};
+        let tok = tokenizer();
+        let base = random_base(&crate::train::base::LlamaConfig { vocab_size: tok.vocab_size(), ..tiny_config() });
+        let vars = VarMap::new();
+        let model = Llama::new(&base, Some((&LoraConfig::all_projections(2, 1), &vars))).unwrap();
+        check_logprobs(&model, &tok, "llama");
     }
 }

@@ -7,10 +7,10 @@
 use super::curves::Curves;
 use super::generate::{generate, response_logprobs};
 use super::judge::{mean, Scorer};
-use super::model::Gpt;
+use super::model::Decoder;
 use super::sft::user_windows;
 use super::synth::{make_pair, Pair, Split, UserRecord, World};
-use crate::prompt::{build_prompt, parse_output, ParsedOutput};
+use crate::prompt::{parse_output, ParsedOutput, Template};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::TextTokenizer;
 use candle_core::Tensor;
@@ -107,9 +107,10 @@ struct Rollout {
 
 #[allow(clippy::too_many_arguments)]
 pub fn train(
-    model: &Gpt,
+    model: &dyn Decoder,
     vars: &VarMap,
     tok: &TextTokenizer,
+    template: Template,
     scorer: &Scorer,
     world: &World,
     cfg: &GrpoConfig,
@@ -132,9 +133,9 @@ pub fn train(
             let w = rng.gen_range(1..ws.len());
             let bodies = |k: usize| ws[k].iter().map(|x| &x.0.body).collect::<Vec<_>>();
             if i % 2 == 0 {
-                prompts.push(build_prompt(None, bodies(w)));
+                prompts.push(template.build_prompt(None, bodies(w)));
             } else {
-                round1.push((prompts.len(), build_prompt(None, bodies(w - 1)), bodies(w)));
+                round1.push((prompts.len(), template.build_prompt(None, bodies(w - 1)), bodies(w)));
                 prompts.push(String::new());
             }
         }
@@ -142,7 +143,7 @@ pub fn train(
             let ids: Vec<Vec<u32>> = round1.iter().map(|r| tok.encode(&r.1)).collect();
             let outs = generate(model, tok, &ids, cfg.max_new, &sampling, cfg.no_repeat, rng)?;
             for (r, o) in round1.iter().zip(outs) {
-                prompts[r.0] = build_prompt(parse_output(&o.text).description.as_deref(), r.2.iter().copied());
+                prompts[r.0] = template.build_prompt(parse_output(&o.text).description.as_deref(), r.2.iter().copied());
             }
         }
         // G samples per prompt.

@@ -173,10 +173,49 @@ impl Gpt {
             cfg: cfg.clone(),
         })
     }
+}
 
-    /// `input_ids` and `position_ids` are u32 `[b, s]`; `attention_mask` is `[b, past + s]` (0/1,
-    /// any dtype). Returns logits `[b, s, vocab]` and the present cache per layer.
-    pub fn forward(
+/// What training needs of a decoder, whichever it is (the from-scratch `Gpt` or a pretrained
+/// `Llama` with adapters): SFT, sampling, GRPO and evaluation are written once against it.
+pub trait Decoder {
+    /// The final (normed) hidden states `[b, s, d]` and the present cache per layer.
+    /// `input_ids` and `position_ids` are u32 `[b, s]`; `attention_mask` is `[b, past + s]` (0/1).
+    /// Losses that score a few positions project only those through `logits`.
+    fn hidden(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        position_ids: &Tensor,
+        past: Option<&[KvPair]>,
+    ) -> Result<(Tensor, Vec<KvPair>)>;
+
+    /// `hidden`, also handing out the residual stream the last block's attention reads in `tap`
+    /// (the SFT's auxiliary probe trains it); a decoder without a tap leaves it `None`.
+    fn hidden_tapped(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        position_ids: &Tensor,
+        past: Option<&[KvPair]>,
+        _tap: &mut Option<Tensor>,
+    ) -> Result<(Tensor, Vec<KvPair>)> {
+        self.hidden(input_ids, attention_mask, position_ids, past)
+    }
+
+    /// Logits of final hidden states (`[.., d]` → `[.., vocab]`).
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor>;
+
+    /// An empty cache (zero-length pasts), as the first generation step of the ONNX convention feeds.
+    fn empty_past(&self, batch: usize, device: &Device) -> Result<Vec<KvPair>>;
+
+    /// The longest sequence the positions cover.
+    fn max_positions(&self) -> usize;
+
+    /// Width of the hidden states.
+    fn width(&self) -> usize;
+
+    /// Logits `[b, s, vocab]` and the present cache per layer.
+    fn forward(
         &self,
         input_ids: &Tensor,
         attention_mask: &Tensor,
@@ -187,21 +226,15 @@ impl Gpt {
         Ok((self.logits(&h)?, presents))
     }
 
-    /// Logits of final hidden states (`[.., d_model]` → `[.., vocab]`).
-    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        self.lm_head.forward(hidden)
-    }
-
     /// log p(target) at each of the flat positions `at` of `hidden` `[b, s, d]` (row-major
     /// `b * s + j`), projecting only those positions onto the vocabulary. Returns `[at.len()]`.
-    pub fn target_logprobs(&self, hidden: &Tensor, at: Vec<u32>, targets: Vec<u32>) -> Result<Tensor> {
+    fn target_logprobs(&self, hidden: &Tensor, at: Vec<u32>, targets: Vec<u32>) -> Result<Tensor> {
         target_logprobs(hidden, at, targets, |rows| self.logits(rows))
     }
+}
 
-    /// `forward` without the vocabulary projection: the final (normed) hidden states `[b, s, d]`.
-    /// Losses that score a few positions project only those; the projection to 2,048 tokens
-    /// is the largest matmul of a step.
-    pub fn hidden(
+impl Decoder for Gpt {
+    fn hidden(
         &self,
         input_ids: &Tensor,
         attention_mask: &Tensor,
@@ -211,9 +244,8 @@ impl Gpt {
         self.hidden_tapped(input_ids, attention_mask, position_ids, past, &mut None)
     }
 
-    /// `hidden`, also handing out the residual stream after the last-but-one block in `tap`
-    /// (what the last block's attention reads; the SFT's auxiliary probe trains it).
-    pub fn hidden_tapped(
+    /// The tap is the residual stream after the last-but-one block.
+    fn hidden_tapped(
         &self,
         input_ids: &Tensor,
         attention_mask: &Tensor,
@@ -240,12 +272,23 @@ impl Gpt {
         Ok((self.ln_f.forward(&x)?, presents))
     }
 
-    /// An empty cache (zero-length pasts), as the first generation step of the ONNX convention feeds.
-    pub fn empty_past(&self, batch: usize, device: &Device) -> Result<Vec<KvPair>> {
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(hidden)
+    }
+
+    fn empty_past(&self, batch: usize, device: &Device) -> Result<Vec<KvPair>> {
         let shape = (batch, self.cfg.n_head, 0, self.cfg.head_dim());
         (0..self.cfg.n_layer)
             .map(|_| Ok((Tensor::zeros(shape, DType::F32, device)?, Tensor::zeros(shape, DType::F32, device)?)))
             .collect()
+    }
+
+    fn max_positions(&self) -> usize {
+        self.cfg.max_positions
+    }
+
+    fn width(&self) -> usize {
+        self.cfg.d_model
     }
 }
 

@@ -10,7 +10,7 @@ use super::model::{Gpt, GptConfig};
 use super::sft::{self, TrainConfig};
 use super::synth::{self, SynthConfig, World};
 use super::teacher;
-use crate::prompt::{build_prompt, build_response, TEMPLATE_ID};
+use crate::prompt::{build_prompt, build_response, Template, TEMPLATE_ID};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::{TextTokenizer, SPECIAL_TOKENS};
 use anyhow::{Context, Result};
@@ -22,6 +22,9 @@ use serde::{de::DeserializeOwned, Serialize};
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+
+mod base;
+pub use base::{BasePreset, BASE_POLICIES};
 
 pub const MODEL_NAME: &str = "prefstream-alignx-tiny";
 
@@ -80,6 +83,9 @@ pub struct Preset {
     /// manifest); 0 is off.
     #[serde(default)]
     pub no_repeat_ngram: usize,
+    /// The stages on a pretrained base (`base-sft`, `base-grpo`, `base-eval`).
+    #[serde(default = "BasePreset::full")]
+    pub base: BasePreset,
 }
 
 impl Preset {
@@ -133,6 +139,7 @@ impl Preset {
             study_users: 48,
             max_new_tokens: 256,
             no_repeat_ngram: 4,
+            base: BasePreset::full(),
         }
     }
     pub fn quick() -> Self {
@@ -171,6 +178,7 @@ impl Preset {
             study_users: 2,
             max_new_tokens: 24,
             no_repeat_ngram: 4,
+            base: BasePreset::quick(),
         }
     }
 }
@@ -337,7 +345,8 @@ impl Run {
             on_policy: preset.grpo_on_policy,
         };
         let pb = bar("grpo");
-        let curves = super::grpo::train(&policy, &vars, &tok, &scorer, &world, &cfg, &mut self.rng(5), &pb)?;
+        let curves =
+            super::grpo::train(&policy, &vars, &tok, Template::Plain, &scorer, &world, &cfg, &mut self.rng(5), &pb)?;
         pb.finish();
         curves.write(&self.dir, "grpo_curve")?;
         vars.save(self.path("policy_grpo.safetensors"))?;
@@ -397,7 +406,8 @@ impl Run {
         let scorer = Scorer { judge: &judge, tok: &tok, device: Device::Cpu };
         let mut rng = self.rng(3);
         let pb = bar("teacher");
-        let (mut examples, stats) = sft::build_examples(&world, &scorer, preset.teacher_rule(), 4, 0.6, &mut rng, &pb)?;
+        let (mut examples, stats) =
+            sft::build_examples(&world, Template::Plain, &scorer, preset.teacher_rule(), 4, 0.6, &mut rng, &pb)?;
         if preset.sft_aux == 0.0 {
             examples.iter_mut().for_each(|e| e.marks.clear());
         }
@@ -543,6 +553,7 @@ impl Run {
             let (model, _) = self.load_policy(name)?;
             let policy = Policy {
                 model: &model,
+                template: Template::Plain,
                 tok: &tok,
                 params: if greedy { SamplingParams::GREEDY } else { SamplingParams::PAPER },
                 max_new: preset.max_new_tokens,

@@ -10,7 +10,7 @@
 use super::generate::generate;
 use super::grpo::{reward_pairs, rewards, streaming_train_users};
 use super::judge::{mean, Scorer};
-use super::model::Gpt;
+use super::model::Decoder;
 use super::sft::{user_windows, Tokenized};
 use super::synth::{Pair, UserRecord, World};
 use crate::prompt::{build_prompt, parse_output};
@@ -61,7 +61,7 @@ fn pick(group: &[Sample]) -> Option<&Sample> {
 }
 
 fn sample_groups(
-    model: &Gpt,
+    model: &dyn Decoder,
     tok: &TextTokenizer,
     scorer: &Scorer,
     prompts: &[(String, &[Pair])],
@@ -89,7 +89,7 @@ fn sample_groups(
 /// Samples, rewards and keeps the best of each group; returns the kept (prompt, response)
 /// pairs as SFT data (the response ends with the stop token it was sampled with, then EOS).
 pub fn collect(
-    model: &Gpt,
+    model: &dyn Decoder,
     tok: &TextTokenizer,
     scorer: &Scorer,
     world: &World,

@@ -4,11 +4,11 @@
 use super::batch::pad_right;
 use super::curves::Curves;
 use super::judge::{mean, Scorer};
-use super::model::{Gpt, GptConfig};
+use super::model::{Decoder, Gpt, GptConfig};
 use super::synth::{Annotation, Split, UserRecord, World};
 use super::teacher::{evidence_marks, observe, teach, Mark, Rule, Signal, Stated};
 use crate::event::Event;
-use crate::prompt::{build_prompt, build_response};
+use crate::prompt::{build_prompt, build_response, Template};
 use crate::tokenizer::TextTokenizer;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Module, Optimizer, ParamsAdamW, VarMap};
@@ -52,10 +52,14 @@ fn annotated(world: &World) -> impl Iterator<Item = (&Event, &Annotation)> {
     world.events.iter().filter_map(move |e| Some((e, *ann.get(e.event_id.as_str())?)))
 }
 
-/// Teacher → judge filter → examples. Per train user: a streaming chain over its windows
-/// (the first window is a base example) plus a base example for every later window.
+/// Teacher → judge filter → examples, prompts in `template`. Per train user: a streaming chain
+/// over its windows (the first window is a base example) plus a base example for every later
+/// window. The response is the same text in every template; `tokenize` ends it with the
+/// tokenizer's end token (`<eos>`, or ChatML's `<|im_end|>`).
+#[allow(clippy::too_many_arguments)]
 pub fn build_examples(
     world: &World,
+    template: Template,
     scorer: &Scorer,
     rule: Rule,
     g: usize,
@@ -91,7 +95,7 @@ pub fn build_examples(
                 stats.kept_candidates += kept.len();
                 let chosen = kept.first().copied();
                 if let Some(i) = chosen {
-                    let prompt = build_prompt(
+                    let prompt = template.build_prompt(
                         if streaming { prev.as_ref().map(|p| p.1.as_str()) } else { None },
                         bodies.iter().copied(),
                     );
@@ -223,7 +227,7 @@ fn bce_with_logits(x: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
 /// Only the response positions go through the vocabulary projection. With a probe, its loss
 /// (weighted) is added and also returned on its own.
 pub fn sft_loss(
-    model: &Gpt,
+    model: &dyn Decoder,
     items: &[&Tokenized],
     pad: u32,
     probe: Option<&Probe>,
@@ -272,7 +276,7 @@ pub fn sft_loss(
 #[allow(clippy::too_many_arguments)]
 /// Supervised fine-tuning. Returns the loss curve (train loss, held-out loss every 50 steps).
 pub fn train(
-    model: &Gpt,
+    model: &dyn Decoder,
     vars: &VarMap,
     train: &[Tokenized],
     valid: &[Tokenized],
@@ -284,7 +288,7 @@ pub fn train(
     let probe_vars = VarMap::new();
     let probe = if cfg.aux > 0.0 {
         let vb = candle_nn::VarBuilder::from_varmap(&probe_vars, DType::F32, &Device::Cpu);
-        Some(Probe { head: candle_nn::linear(model.cfg.d_model, 2, vb.pp("probe"))?, weight: cfg.aux })
+        Some(Probe { head: candle_nn::linear(model.width(), 2, vb.pp("probe"))?, weight: cfg.aux })
     } else {
         None
     };

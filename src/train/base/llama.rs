@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{layer_name, Base, LlamaConfig, EMBED, FINAL_NORM, LM_HEAD, NORMS, PROJECTIONS};
 use crate::train::attention::AttnMask;
-use crate::train::model::{rotary_tables_with, rotate, target_logprobs, KvPair};
+use crate::train::model::{rotary_tables_with, rotate, Decoder, KvPair};
 
 /// Where the adapters go. LoRA: `W x + (α / r) · B A x`, A `[r, in]` random, B `[out, r]` zero,
 /// so training starts from the base exactly.
@@ -160,61 +160,6 @@ impl Llama {
         Ok((l.proj["self_attn.o_proj"].forward(&a)?, (k, v)))
     }
 
-    /// Final normed hidden states `[b, s, d]` and the present cache per layer. `input_ids` and
-    /// `position_ids` u32 `[b, s]`; `attention_mask` `[b, past + s]` (0/1).
-    pub fn hidden(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: &Tensor,
-        position_ids: &Tensor,
-        past: Option<&[KvPair]>,
-    ) -> Result<(Tensor, Vec<KvPair>)> {
-        let c = &self.cfg;
-        let (b, s) = input_ids.dims2()?;
-        let mask = AttnMask::new(attention_mask, s, true)?;
-        let (cos, sin) = rotary_tables_with(position_ids, c.head_dim(), c.rope_theta)?;
-        let mut x = self.embed.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, s, c.hidden_size))?;
-        let mut presents = Vec::with_capacity(self.layers.len());
-        for (i, l) in self.layers.iter().enumerate() {
-            let hn = rms_norm(&x, &l.in_norm, c.rms_norm_eps)?;
-            let (a, kv) = self.attention(l, &hn, &mask, past.map(|p| &p[i]), (&cos, &sin))?;
-            x = (x + a)?;
-            let hn = rms_norm(&x, &l.post_norm, c.rms_norm_eps)?;
-            let gate = l.proj["mlp.gate_proj"].forward(&hn)?.silu()?;
-            let up = l.proj["mlp.up_proj"].forward(&hn)?;
-            x = (x + l.proj["mlp.down_proj"].forward(&(gate * up)?)?)?;
-            presents.push(kv);
-        }
-        Ok((rms_norm(&x, &self.norm, c.rms_norm_eps)?, presents))
-    }
-
-    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        linear(hidden, &self.lm_head)
-    }
-
-    pub fn forward(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: &Tensor,
-        position_ids: &Tensor,
-        past: Option<&[KvPair]>,
-    ) -> Result<(Tensor, Vec<KvPair>)> {
-        let (h, presents) = self.hidden(input_ids, attention_mask, position_ids, past)?;
-        Ok((self.logits(&h)?, presents))
-    }
-
-    /// log p(target) at the flat positions `at` of `hidden` `[b, s, d]`; only those rows are
-    /// projected onto the 49k-token vocabulary.
-    pub fn target_logprobs(&self, hidden: &Tensor, at: Vec<u32>, targets: Vec<u32>) -> Result<Tensor> {
-        target_logprobs(hidden, at, targets, |rows| self.logits(rows))
-    }
-
-    pub fn empty_past(&self, batch: usize, device: &Device) -> Result<Vec<KvPair>> {
-        let c = &self.cfg;
-        let z = || Tensor::zeros((batch, c.num_key_value_heads, 0, c.head_dim()), DType::F32, device);
-        (0..c.num_hidden_layers).map(|_| Ok((z()?, z()?))).collect()
-    }
-
     /// Greedy decoding of one prompt with the KV cache; stops before any of `stop`.
     pub fn greedy(&self, prompt: &[u32], max_new: usize, stop: &[u32]) -> Result<Vec<u32>> {
         let dev = self.embed.device();
@@ -261,6 +206,54 @@ impl Llama {
             }
         }
         Ok(out)
+    }
+}
+
+impl Decoder for Llama {
+    /// Final normed hidden states `[b, s, d]` and the present cache per layer. `input_ids` and
+    /// `position_ids` u32 `[b, s]`; `attention_mask` `[b, past + s]` (0/1).
+    fn hidden(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        position_ids: &Tensor,
+        past: Option<&[KvPair]>,
+    ) -> Result<(Tensor, Vec<KvPair>)> {
+        let c = &self.cfg;
+        let (b, s) = input_ids.dims2()?;
+        let mask = AttnMask::new(attention_mask, s, true)?;
+        let (cos, sin) = rotary_tables_with(position_ids, c.head_dim(), c.rope_theta)?;
+        let mut x = self.embed.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, s, c.hidden_size))?;
+        let mut presents = Vec::with_capacity(self.layers.len());
+        for (i, l) in self.layers.iter().enumerate() {
+            let hn = rms_norm(&x, &l.in_norm, c.rms_norm_eps)?;
+            let (a, kv) = self.attention(l, &hn, &mask, past.map(|p| &p[i]), (&cos, &sin))?;
+            x = (x + a)?;
+            let hn = rms_norm(&x, &l.post_norm, c.rms_norm_eps)?;
+            let gate = l.proj["mlp.gate_proj"].forward(&hn)?.silu()?;
+            let up = l.proj["mlp.up_proj"].forward(&hn)?;
+            x = (x + l.proj["mlp.down_proj"].forward(&(gate * up)?)?)?;
+            presents.push(kv);
+        }
+        Ok((rms_norm(&x, &self.norm, c.rms_norm_eps)?, presents))
+    }
+
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        linear(hidden, &self.lm_head)
+    }
+
+    fn empty_past(&self, batch: usize, device: &Device) -> Result<Vec<KvPair>> {
+        let c = &self.cfg;
+        let z = || Tensor::zeros((batch, c.num_key_value_heads, 0, c.head_dim()), DType::F32, device);
+        (0..c.num_hidden_layers).map(|_| Ok((z()?, z()?))).collect()
+    }
+
+    fn max_positions(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+
+    fn width(&self) -> usize {
+        self.cfg.hidden_size
     }
 }
 

@@ -10,11 +10,58 @@ use serde::{Deserialize, Serialize};
 
 use super::llama::{Llama, LoraConfig};
 use super::{sha256_file, Base};
+use crate::tokenizer::{SpecialTokens, TextTokenizer};
 use crate::train::export::export_llama;
 
 /// The template the pretrained-base packages are built for (see `prompt`).
 pub const CHATML_TEMPLATE: &str = "alignx-stream-chatml-v1";
 pub const END_OF_TURN: &str = "<|im_end|>";
+
+/// The base's end and padding tokens by role (ChatML): what the manifest names and what
+/// training appends to a response.
+pub fn base_specials() -> SpecialTokens {
+    SpecialTokens { eos: vec![END_OF_TURN.to_string(), "<|endoftext|>".to_string()], pad: END_OF_TURN.to_string() }
+}
+
+/// The base's tokenizer with its ChatML special tokens.
+pub fn base_tokenizer(base: &Base) -> Result<TextTokenizer> {
+    let tok: tokenizers::Tokenizer =
+        base.tokenizer_json.parse().map_err(|e| anyhow::anyhow!("the base's tokenizer does not parse: {e}"))?;
+    TextTokenizer::from_tokenizer(tok, "the base's tokenizer", &base_specials())
+        .context("the base's tokenizer has no <|im_end|> (a ChatML model is needed)")
+}
+
+/// The base with the adapter at `path` (`adapter.json` beside it), refused when it was
+/// trained on another base.
+pub fn load_adapted(base: &Base, path: &Path) -> Result<(Llama, VarMap, AdapterInfo)> {
+    let info_path = path.with_file_name("adapter.json");
+    let info: AdapterInfo = serde_json::from_str(
+        &std::fs::read_to_string(&info_path).with_context(|| format!("reading {}", info_path.display()))?,
+    )
+    .with_context(|| format!("{}", info_path.display()))?;
+    ensure!(
+        info.base_sha256 == base.source.sha256,
+        "adapter {} was trained on the base with sha256 {}, not on {} ({}): run scripts/setup.sh to fetch the pinned base",
+        path.display(),
+        info.base_sha256,
+        base.source.path.display(),
+        base.source.sha256
+    );
+    let mut vars = VarMap::new();
+    let model = Llama::new(base, Some((&info.lora, &vars)))?;
+    vars.load(path).with_context(|| format!("loading adapter {}", path.display()))?;
+    Ok((model, vars, info))
+}
+
+/// Writes `adapter.safetensors` and `adapter.json` into `dir`; returns the tensors' path.
+pub fn save_adapter(vars: &VarMap, lora: &LoraConfig, base: &Base, dir: &Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("adapter.safetensors");
+    vars.save(&path).with_context(|| format!("writing {}", path.display()))?;
+    let info = AdapterInfo { lora: lora.clone(), base_sha256: base.source.sha256.clone() };
+    std::fs::write(dir.join("adapter.json"), serde_json::to_string_pretty(&info)?)?;
+    Ok(path)
+}
 
 /// An adapter on disk: `adapter.safetensors` (the LoRA tensors) beside `adapter.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -35,37 +82,17 @@ pub struct PackageSpec<'a> {
 /// Writes `model.onnx`, `tokenizer.json` and `manifest.json` into `out`.
 pub fn write_package(base: &Base, spec: &PackageSpec, out: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let mut vars = VarMap::new();
-    let mut adapter_json = serde_json::Value::Null;
-    let model = match spec.adapter {
-        None => Llama::new(base, None)?,
+    let (model, adapter_json) = match spec.adapter {
+        None => (Llama::new(base, None)?, serde_json::Value::Null),
         Some(path) => {
-            let info_path = path.with_file_name("adapter.json");
-            let info: AdapterInfo = serde_json::from_str(
-                &std::fs::read_to_string(&info_path).with_context(|| format!("reading {}", info_path.display()))?,
-            )
-            .with_context(|| format!("{}", info_path.display()))?;
-            ensure!(
-                info.base_sha256 == base.source.sha256,
-                "adapter {} was trained on the base with sha256 {}, not on {} ({}): run scripts/setup.sh to fetch the pinned base",
-                path.display(),
-                info.base_sha256,
-                base.source.path.display(),
-                base.source.sha256
-            );
-            let model = Llama::new(base, Some((&info.lora, &vars)))?;
-            vars.load(path).with_context(|| format!("loading adapter {}", path.display()))?;
-            adapter_json = serde_json::json!({"file": path.file_name().map(|f| f.to_string_lossy().to_string()),
+            // The model holds the adapter tensors themselves; the map is not needed after.
+            let (model, _, info) = load_adapted(base, path)?;
+            let json = serde_json::json!({"file": path.file_name().map(|f| f.to_string_lossy().to_string()),
                 "sha256": sha256_file(path)?, "lora": info.lora});
-            model
+            (model, json)
         }
     };
-    let tok: tokenizers::Tokenizer =
-        base.tokenizer_json.parse().map_err(|e| anyhow::anyhow!("the base's tokenizer does not parse: {e}"))?;
-    ensure!(
-        tok.token_to_id(END_OF_TURN).is_some(),
-        "the base's tokenizer has no {END_OF_TURN} (a ChatML model is needed)"
-    );
+    base_tokenizer(base)?;
     export_llama(&base.config, &model.merged_weights()?, &out.join("model.onnx"))?;
     std::fs::write(out.join("tokenizer.json"), &base.tokenizer_json)?;
     let manifest = serde_json::json!({
@@ -76,7 +103,7 @@ pub fn write_package(base: &Base, spec: &PackageSpec, out: &Path) -> Result<Path
         "tokenizer": "tokenizer.json",
         "special_tokens": {
             // The end of a turn, and the end of text should a model skip `<|im_end|>`.
-            "eos": [END_OF_TURN, "<|endoftext|>"], "pad": END_OF_TURN,
+            "eos": base_specials().eos, "pad": base_specials().pad,
             "think_open": "<think>", "think_close": "</think>",
             "answer_open": "<answer>", "answer_close": "</answer>"
         },
