@@ -10,5 +10,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/prefstream/target}"
 TANSU_BIN="$(./scripts/tansu.sh install)"
 export TANSU_BIN
 cargo build --release --all-targets
+# The SmolLM2 package from the pinned base + the adapter in models/smollm2 (idempotent, ~10 s).
+echo "test: SmolLM2 package at $(./scripts/base-package.sh)"
 # Benches are built above but not run: they are measurements, not tests.
 cargo test --release --lib --bins --tests -- --test-threads 2

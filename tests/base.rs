@@ -11,7 +11,7 @@ use prefstream::runtime::{self, Device as OrtDevice};
 use prefstream::train::base::llama::Llama;
 use prefstream::train::base::{default_gguf, Base};
 use prefstream::train::export::export_llama;
-use prefstream::train::model::KvPair;
+use prefstream::train::model::{Decoder, KvPair};
 
 fn base() -> Base {
     let path = default_gguf();
@@ -81,4 +81,35 @@ fn the_onnx_export_agrees_with_candle() {
     let (_, past) = run(&cut(&ids, 0, 4), &cut(&mask, 0, 4), &cut(&pos, 0, 4), &model.empty_past(2, &dev).unwrap());
     let (with_past, _) = run(&cut(&ids, 4, 2), &mask, &cut(&pos, 4, 2), &past);
     assert!(with_past < 1e-3, "with a past: max abs diff {with_past}");
+}
+
+/// The adapter kept in git (`models/smollm2/`), assembled with the pinned base as
+/// `scripts/base-package.sh` does, runs through the engine on the shipped example events
+/// (two windows, streaming): the description passes the format check and is real text.
+#[test]
+fn the_committed_adapter_assembles_into_a_package_the_engine_runs() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let pkg = dir.path().join("pkg");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_prefstream-train"))
+        .args(["package", "--adapter"])
+        .arg(root.join("models/smollm2/adapter.safetensors"))
+        .arg("--out")
+        .arg(&pkg)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_prefstream"))
+        .args(["infer", "--json", "--greedy", "--model"])
+        .arg(&pkg)
+        .arg("--events")
+        .arg(root.join("examples/events.jsonl"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    let description = v["description"].as_str().unwrap_or_else(|| panic!("no description: {v}"));
+    assert!(description.split_whitespace().count() >= 3, "{v}");
+    assert_eq!(v["windows"], 2);
 }

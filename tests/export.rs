@@ -12,7 +12,7 @@ use ort::session::{Session, SessionInputValue};
 use prefstream::runtime::{self, Device as OrtDevice};
 use prefstream::train::export::{export_judge, export_policy};
 use prefstream::train::judge::{Judge, JudgeConfig};
-use prefstream::train::model::{positions_from_mask, Gpt, GptConfig, KvPair};
+use prefstream::train::model::{positions_from_mask, Decoder, Gpt, GptConfig, KvPair};
 
 const TOL: f32 = 1e-4;
 

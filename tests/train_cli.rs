@@ -126,3 +126,27 @@ fn malformed_training_input_names_file_and_line() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("events.jsonl:5"), "{err}");
 }
+
+/// The chain on the pretrained base (the GGUF `scripts/setup.sh` fetches), at the quick preset:
+/// LoRA SFT and GRPO adapters, the evaluation of both, and a runnable ChatML package.
+#[test]
+fn quick_chain_on_the_pretrained_base_builds_a_package() {
+    let gguf = prefstream::train::base::default_gguf();
+    assert!(gguf.exists(), "{} is missing: run scripts/setup.sh", gguf.display());
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let out = train(&run, &["all", "--base"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for f in ["base_sft/adapter.safetensors", "base_sft/adapter.json", "base_grpo/adapter.safetensors", "base_eval.md"]
+    {
+        assert!(run.join(f).exists(), "{f} missing");
+    }
+    let eval: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("base_eval.json")).unwrap()).unwrap();
+    let methods: Vec<&str> = eval["rows"].as_array().unwrap().iter().map(|r| r["method"].as_str().unwrap()).collect();
+    for m in ["Null", "Golden", "Base SFT", "Base SFT+GRPO"] {
+        assert!(methods.contains(&m), "{m} not evaluated: {methods:?}");
+    }
+    let m = prefstream::engine::Manifest::load(&run.join("base_package")).unwrap();
+    assert_eq!(m.template, prefstream::prompt::Template::ChatMl);
+}

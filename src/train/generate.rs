@@ -42,9 +42,12 @@ pub fn generate(
     let (ids, mask) = batch.tensors(&dev)?;
     let pos_t = Tensor::new(pos, &dev)?;
     // Only the last position's logits are sampled from.
-    let (h, past) = model.hidden(&ids, &mask, &pos_t, None)?;
-    let mut past = detached(past);
-    let mut logits = model.logits(&h.narrow(1, batch.len - 1, 1)?)?;
+    // Detached at once, so the prefill's autograd graph (every layer's activations, when the
+    // model has trainable adapters) is freed before decoding starts.
+    let (mut past, mut logits) = {
+        let (h, past) = model.hidden(&ids, &mask, &pos_t, None)?;
+        (detached(past), model.logits(&h.narrow(1, batch.len - 1, 1)?)?.detach())
+    };
     let mut next_pos: Vec<u32> = mask_rows.iter().map(|r| r.iter().sum()).collect();
     let mut done = vec![false; n];
     let mut answers = vec![AnswerStart::default(); n];
@@ -86,7 +89,7 @@ pub fn generate(
         let pos_t = Tensor::from_vec(next_pos.clone(), (n, 1), &dev)?;
         next_pos.iter_mut().for_each(|p| *p += 1);
         let (l, p) = model.forward(&ids, &mask, &pos_t, Some(&past))?;
-        logits = l;
+        logits = l.detach();
         past = detached(p);
     }
     for g in out.iter_mut() {

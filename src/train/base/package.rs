@@ -53,6 +53,15 @@ pub fn load_adapted(base: &Base, path: &Path) -> Result<(Llama, VarMap, AdapterI
     Ok((model, vars, info))
 }
 
+/// The base with the adapter at `path` folded into its weights: no variables, so inference
+/// builds no autograd graph and runs no adapter matmuls (evaluation).
+pub fn load_merged(base: &Base, path: &Path) -> Result<Llama> {
+    let weights = load_adapted(base, path)?.0.merged_weights()?;
+    let merged =
+        Base { config: base.config.clone(), weights, tokenizer_json: String::new(), source: base.source.clone() };
+    Ok(Llama::new(&merged, None)?)
+}
+
 /// Writes `adapter.safetensors` and `adapter.json` into `dir`; returns the tensors' path.
 pub fn save_adapter(vars: &VarMap, lora: &LoraConfig, base: &Base, dir: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

@@ -7,7 +7,7 @@ use super::{bar, holdout, read_json, write_json, Preset, Run};
 use crate::prompt::Template;
 use crate::sampling::SamplingParams;
 use crate::train::base::llama::{Llama, LoraConfig};
-use crate::train::base::package::{base_tokenizer, load_adapted, save_adapter};
+use crate::train::base::package::{base_tokenizer, load_adapted, load_merged, save_adapter};
 use crate::train::base::Base;
 use crate::train::eval::{
     audit_markdown, audit_row, eval_policy, markdown, reference_rows, test_users, Policy, Setting,
@@ -206,7 +206,7 @@ impl Run {
         for (method, dir) in BASE_POLICIES {
             let path = self.adapter_path(dir);
             if path.exists() {
-                models.push((method, load_adapted(&base, &path)?.0));
+                models.push((method, load_merged(&base, &path)?));
             }
         }
         let mut rng = self.rng(14);

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Assembles the runnable SmolLM2 package from the pinned base (fetched by scripts/setup.sh) and
+# the adapter kept in git (models/smollm2/), into $PREFSTREAM_CACHE/packages/smollm2-<adapter
+# sha256, 12 hex>. Idempotent: a package already assembled for this adapter is kept. Prints the
+# package directory. Needs the release `prefstream-train` (cargo build --release).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CACHE="${PREFSTREAM_CACHE:-$HOME/.cache/prefstream}"
+TARGET="${CARGO_TARGET_DIR:-target}"
+ADAPTER=models/smollm2/adapter.safetensors
+BASE="$CACHE/base/SmolLM2-135M-Instruct.Q4_1.gguf"
+[ -f "$BASE" ] || { echo "base-package: $BASE is missing: run scripts/setup.sh" >&2; exit 1; }
+KEY=$(sha256sum "$ADAPTER" | cut -c1-12)
+OUT="$CACHE/packages/smollm2-$KEY"
+if [ ! -f "$OUT/manifest.json" ]; then
+  rm -rf "$OUT.part"
+  "$TARGET/release/prefstream-train" package --base "$BASE" --adapter "$ADAPTER" --out "$OUT.part" \
+    --max-new-tokens 256 >&2
+  rm -rf "$OUT" && mv "$OUT.part" "$OUT"
+fi
+echo "$OUT"
