@@ -5,8 +5,8 @@
 //! does not care about), and a key dimension the signals showed with the user's stance but the
 //! description leaves out is missed.
 
-use super::dims::{dims, pole};
-use super::synth::{Annotation, Pref, UserRecord};
+use crate::train::dims::{dims, pole};
+use crate::train::synth::{Annotation, Pref, UserRecord};
 use serde::Serialize;
 
 /// The poles a description states, one per clause at most, in order.

@@ -5,8 +5,8 @@
 //! It states each preference in the words the signals used (a pole's paraphrase as it appears
 //! in the chosen response or the user's text), so the student learns to quote evidence.
 
-use super::synth::{any_surface, describe_in_order, surface_in, Annotation, Pref, UserRecord};
 use crate::event::EventBody;
+use crate::train::synth::{any_surface, describe_in_order, surface_in, Annotation, Pref, UserRecord};
 use rand::seq::SliceRandom;
 use rand::Rng;
 
@@ -38,7 +38,7 @@ fn shown(sig: &Signal, labels: bool) -> Vec<Stated> {
     let mut out: Vec<(usize, Stated)> = poles
         .iter()
         .map(|p| {
-            let label = super::dims::pole(p.dim, p.dir).label;
+            let label = crate::train::dims::pole(p.dim, p.dir).label;
             match surface_in(text, p) {
                 Some((at, words)) => (at, (p.clone(), if labels { label } else { words }.to_string())),
                 None => (usize::MAX, (p.clone(), label.to_string())),
@@ -221,7 +221,7 @@ pub fn conclude_tally(prev: &[Stated], window: &[Signal], cap: usize) -> Vec<Sta
             }
         }
     }
-    let label = |p: &Pref| super::dims::pole(p.dim, p.dir).label.to_string();
+    let label = |p: &Pref| crate::train::dims::pole(p.dim, p.dir).label.to_string();
     let out: Vec<Stated> = kept.iter().map(|&i| (items[i].0.clone(), label(&items[i].0))).collect();
     out[out.len().saturating_sub(cap)..].to_vec()
 }

@@ -1,10 +1,10 @@
 //! Batched generation with the candle policy and its KV cache (training-side sampling for
 //! evaluation and GRPO; serving uses the ONNX engine).
 
-use super::batch::pad_left;
-use super::model::{positions_from_mask, Decoder, KvPair};
 use crate::sampling::{allowed_in, log_prob, sample, SamplingParams};
 use crate::tokenizer::{AnswerStart, TextTokenizer};
+use crate::train::batch::pad_left;
+use crate::train::model::{positions_from_mask, Decoder, KvPair};
 use candle_core::{Device, Result, Tensor};
 use rand::Rng;
 
@@ -111,7 +111,7 @@ fn detached(past: Vec<KvPair>) -> Vec<KvPair> {
 pub fn response_logprobs(model: &dyn Decoder, seqs: &[(Vec<u32>, Vec<u32>)], pad: u32) -> Result<(Tensor, Tensor)> {
     let dev = Device::Cpu;
     let full: Vec<Vec<u32>> = seqs.iter().map(|(p, r)| p.iter().chain(r).copied().collect()).collect();
-    let batch = super::batch::pad_right(&full, pad);
+    let batch = crate::train::batch::pad_right(&full, pad);
     let (ids, mask) = batch.tensors(&dev)?;
     let pos = Tensor::arange(0u32, batch.len as u32, &dev)?
         .unsqueeze(0)?

@@ -2,17 +2,19 @@
 //! raw signals E, Golden) scored by the judge on each user's held-out pairs, both A/B orders.
 //! Also the paper's robustness (reversal, drift) and efficiency (time per update) studies.
 
-use super::audit::{audit, mean_audit, Audit};
-use super::generate::generate;
-use super::judge::{mean, Scorer};
-use super::model::Decoder;
-use super::sft::user_windows;
-use super::synth::{describe_surfaces, render_ugc, Annotation, Pair, Pref, Split, UserRecord, World};
-use super::teacher::{Rule, Stated};
+pub mod audit;
+
 use crate::event::EventBody;
 use crate::prompt::{build_prompt, parse_output, Template, NOT_PROVIDED};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::TextTokenizer;
+use crate::train::generate::generate;
+use crate::train::judge::{mean, Scorer};
+use crate::train::model::Decoder;
+use crate::train::sft::user_windows;
+use crate::train::synth::{describe_surfaces, render_ugc, Annotation, Pair, Pref, Split, UserRecord, World};
+use crate::train::teacher::{Rule, Stated};
+use audit::{audit, mean_audit, Audit};
 use rand::Rng;
 use serde::Serialize;
 use std::time::Instant;

@@ -5,7 +5,7 @@
 //! layer norm because candle's fused kernels have no backward (FACTS.md); the attention softmax
 //! is our own fused op with a backward (`train::attention`).
 
-use super::attention::AttnMask;
+use crate::train::attention::AttnMask;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{embedding, linear, linear_no_bias, Embedding, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};

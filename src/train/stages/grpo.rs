@@ -4,15 +4,15 @@
 //! Streaming rounds as in the paper: round 2's previous description is the policy's own round-1
 //! output for the same user.
 
-use super::curves::Curves;
-use super::generate::{generate, response_logprobs};
-use super::judge::{mean, Scorer};
-use super::model::Decoder;
-use super::sft::user_windows;
-use super::synth::{make_pair, Pair, Split, UserRecord, World};
 use crate::prompt::{parse_output, ParsedOutput, Template};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::TextTokenizer;
+use crate::train::curves::Curves;
+use crate::train::generate::{generate, response_logprobs};
+use crate::train::judge::{mean, Scorer};
+use crate::train::model::Decoder;
+use crate::train::sft::user_windows;
+use crate::train::synth::{make_pair, Pair, Split, UserRecord, World};
 use candle_core::Tensor;
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
 use rand::seq::SliceRandom;

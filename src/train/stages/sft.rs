@@ -1,15 +1,16 @@
 //! Stage 1, cold start: teacher candidates filtered by the judge (R_jud = 1), base and
 //! streaming examples, and supervised fine-tuning with the loss on response tokens only.
 
-use super::batch::pad_right;
-use super::curves::Curves;
-use super::judge::{mean, Scorer};
-use super::model::{Decoder, Gpt, GptConfig};
-use super::synth::{Annotation, Split, UserRecord, World};
-use super::teacher::{evidence_marks, observe, teach, Mark, Rule, Signal, Stated};
 use crate::event::Event;
 use crate::prompt::{build_prompt, build_response, Template};
 use crate::tokenizer::TextTokenizer;
+use crate::train::batch::pad_right;
+use crate::train::curves::Curves;
+use crate::train::judge::{mean, Scorer};
+use crate::train::model::{Decoder, Gpt, GptConfig};
+pub use crate::train::stages::schedule::{lr_at, TrainConfig};
+use crate::train::synth::{Annotation, Split, UserRecord, World};
+use crate::train::teacher::{evidence_marks, observe, teach, Mark, Rule, Signal, Stated};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Module, Optimizer, ParamsAdamW, VarMap};
 use rand::seq::SliceRandom;
@@ -173,25 +174,6 @@ pub fn tokenize(examples: &[SftExample], tok: &TextTokenizer, max_len: usize) ->
         })
         .filter(|t| t.prompt.len() + t.response.len() <= max_len)
         .collect()
-}
-
-#[derive(Debug, Clone)]
-pub struct TrainConfig {
-    pub steps: usize,
-    pub batch: usize,
-    pub lr: f64,
-    pub warmup: usize,
-    /// Weight of the auxiliary probe loss (0: off).
-    pub aux: f64,
-}
-
-/// Linear warm-up, then cosine decay to 10%.
-pub fn lr_at(step: usize, cfg: &TrainConfig) -> f64 {
-    if step < cfg.warmup {
-        return cfg.lr * (step + 1) as f64 / cfg.warmup as f64;
-    }
-    let t = (step - cfg.warmup) as f64 / (cfg.steps.saturating_sub(cfg.warmup)).max(1) as f64;
-    cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * t.min(1.0)).cos()))
 }
 
 /// Batches of similar length (less padding), in random order.
@@ -437,14 +419,5 @@ mod tests {
         let same = big.forward(&ids, &mask, &pos, None).unwrap().0;
         let moved = (a - same).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(moved < 1e-6, "a refused load changed nothing: {moved}");
-    }
-
-    #[test]
-    fn schedule_warms_up_then_decays() {
-        let cfg = TrainConfig { steps: 100, batch: 1, lr: 1.0, warmup: 10, aux: 0.0 };
-        assert!((lr_at(0, &cfg) - 0.1).abs() < 1e-9);
-        assert!((lr_at(10, &cfg) - 1.0).abs() < 1e-9);
-        assert!((lr_at(100, &cfg) - 0.1).abs() < 1e-9);
-        assert!(lr_at(50, &cfg) < 1.0 && lr_at(50, &cfg) > 0.1);
     }
 }

@@ -4,11 +4,11 @@
 //! form scores description × response. Trained on golden descriptions (and subsets of them).
 //! The post is not an input: in our data the preference never depends on it.
 
-use super::attention::AttnMask;
-use super::batch::{pad_right, Batch};
-use super::model::{Block, GptConfig, LayerNorm};
-use super::synth::{any_surface, describe_surfaces, make_pair, random_prefs, utility, Pair};
 use crate::tokenizer::TextTokenizer;
+use crate::train::attention::AttnMask;
+use crate::train::batch::{pad_right, Batch};
+use crate::train::model::{Block, GptConfig, LayerNorm};
+use crate::train::synth::{any_surface, describe_surfaces, make_pair, random_prefs, utility, Pair};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{embedding, linear_no_bias, Embedding, Linear, VarBuilder};
 use rand::seq::SliceRandom;
@@ -204,10 +204,10 @@ pub fn train_judge(
     judge: &Judge,
     vars: &candle_nn::VarMap,
     tok: &TextTokenizer,
-    cfg: &super::sft::TrainConfig,
+    cfg: &crate::train::stages::schedule::TrainConfig,
     rng: &mut impl Rng,
     progress: &indicatif::ProgressBar,
-) -> anyhow::Result<super::curves::Curves> {
+) -> anyhow::Result<crate::train::curves::Curves> {
     use candle_nn::Optimizer;
     let dev = Device::Cpu;
     let mut opt = candle_nn::AdamW::new(
@@ -215,7 +215,7 @@ pub fn train_judge(
         candle_nn::ParamsAdamW { lr: cfg.lr, weight_decay: 0.0, ..Default::default() },
     )?;
     let (steps, batch) = (cfg.steps, cfg.batch);
-    let mut curves = super::curves::Curves::new(&["loss", "train_acc"]);
+    let mut curves = crate::train::curves::Curves::new(&["loss", "train_acc"]);
     progress.set_length(steps as u64);
     for step in 0..steps {
         let mut ex = Vec::with_capacity(batch);
@@ -235,7 +235,7 @@ pub fn train_judge(
         let labels = Tensor::new(ex.iter().map(|x| x.3).collect::<Vec<u32>>(), &dev)?;
         let logits = judge.forward(&di, &dm, &ai, &am, &bi, &bm)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
-        opt.set_learning_rate(super::sft::lr_at(step, cfg));
+        opt.set_learning_rate(crate::train::stages::schedule::lr_at(step, cfg));
         opt.backward_step(&loss)?;
         let acc = logits.argmax(D::Minus1)?.eq(&labels)?.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()?;
         let l = loss.to_scalar::<f32>()?;

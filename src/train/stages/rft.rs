@@ -7,15 +7,15 @@
 //! Prompts are built as GRPO's: base windows, and streaming round 2 whose previous description
 //! is the policy's own best round-1 output for the same user.
 
-use super::generate::generate;
-use super::grpo::{reward_pairs, rewards, streaming_train_users};
-use super::judge::{mean, Scorer};
-use super::model::Decoder;
-use super::sft::{user_windows, Tokenized};
-use super::synth::{Pair, UserRecord, World};
 use crate::prompt::{build_prompt, parse_output};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::TextTokenizer;
+use crate::train::generate::generate;
+use crate::train::grpo::{reward_pairs, rewards, streaming_train_users};
+use crate::train::judge::{mean, Scorer};
+use crate::train::model::Decoder;
+use crate::train::sft::{user_windows, Tokenized};
+use crate::train::synth::{Pair, UserRecord, World};
 use rand::seq::SliceRandom;
 use rand::Rng;
 
