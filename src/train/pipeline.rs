@@ -89,6 +89,23 @@ pub struct Preset {
 }
 
 impl Preset {
+    /// GRPO as the paper runs it (G = 4, clip 0.2, two minibatches) with this preset's decoding
+    /// and reward settings; the sizes are the stage's (the tiny policy's or the base's).
+    pub fn grpo_config(&self, steps: usize, prompts: usize, lr: f64, max_new: usize) -> super::grpo::GrpoConfig {
+        super::grpo::GrpoConfig {
+            steps,
+            prompts_per_step: prompts,
+            group: 4,
+            clip: 0.2,
+            lr,
+            max_new,
+            no_repeat: self.no_repeat_ngram,
+            minibatches: 2,
+            reward_pairs: self.grpo_reward_pairs,
+            on_policy: self.grpo_on_policy,
+        }
+    }
+
     pub fn teacher_rule(&self) -> teacher::Rule {
         match (self.teacher_cap, self.teacher_tally) {
             (0, _) => teacher::Rule::KeyDims,
@@ -332,18 +349,7 @@ impl Run {
         let (judge, _) = self.load_judge()?;
         let scorer = Scorer { judge: &judge, tok: &tok, device: Device::Cpu };
         let (policy, vars) = self.load_policy("policy")?;
-        let cfg = super::grpo::GrpoConfig {
-            steps: preset.grpo_steps,
-            prompts_per_step: preset.grpo_prompts,
-            group: 4,
-            clip: 0.2,
-            lr: preset.grpo_lr,
-            max_new: preset.max_new_tokens,
-            no_repeat: preset.no_repeat_ngram,
-            minibatches: 2,
-            reward_pairs: preset.grpo_reward_pairs,
-            on_policy: preset.grpo_on_policy,
-        };
+        let cfg = preset.grpo_config(preset.grpo_steps, preset.grpo_prompts, preset.grpo_lr, preset.max_new_tokens);
         let pb = bar("grpo");
         let curves =
             super::grpo::train(&policy, &vars, &tok, Template::Plain, &scorer, &world, &cfg, &mut self.rng(5), &pb)?;

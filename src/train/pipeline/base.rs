@@ -6,14 +6,16 @@
 use super::{bar, holdout, read_json, write_json, Preset, Run};
 use crate::prompt::Template;
 use crate::sampling::SamplingParams;
+use crate::tokenizer::TextTokenizer;
 use crate::train::base::llama::{Llama, LoraConfig};
 use crate::train::base::package::{base_tokenizer, load_adapted, load_merged, save_adapter};
 use crate::train::base::Base;
 use crate::train::eval::{
     audit_markdown, audit_row, eval_policy, markdown, reference_rows, test_users, Policy, Setting,
 };
-use crate::train::judge::Scorer;
+use crate::train::judge::{Judge, Scorer};
 use crate::train::sft::{self, TrainConfig};
+use crate::train::synth::World;
 use anyhow::{Context, Result};
 use candle_core::Device;
 use candle_nn::VarMap;
@@ -77,16 +79,28 @@ impl BasePreset {
 /// The adapter checkpoints of a run, in training order: (method, directory under the run).
 pub const BASE_POLICIES: [(&str, &str); 2] = [("Base SFT", "base_sft"), ("Base SFT+GRPO", "base_grpo")];
 
+struct BaseInputs {
+    world: World,
+    tok: TextTokenizer,
+    judge: Judge,
+    base: Base,
+    btok: TextTokenizer,
+}
+
 impl Run {
     fn adapter_path(&self, dir: &str) -> PathBuf {
         self.path(dir).join("adapter.safetensors")
     }
 
-    fn load_base(&self, path: &Path) -> Result<Base> {
+    /// What every base step reads: the run's world, its tokenizer and judge (R_jud and the
+    /// meter), the base and the base's tokenizer.
+    fn base_inputs(&self, base_path: &Path) -> Result<BaseInputs> {
+        let (world, tok, (judge, _)) = (self.world()?, self.tokenizer()?, self.load_judge()?);
         let t = std::time::Instant::now();
-        let base = Base::load(path)?;
-        tracing::info!(path = %path.display(), secs = t.elapsed().as_secs_f32(), "base loaded");
-        Ok(base)
+        let base = Base::load(base_path)?;
+        tracing::info!(path = %base_path.display(), secs = t.elapsed().as_secs_f32(), "base loaded");
+        let btok = base_tokenizer(&base)?;
+        Ok(BaseInputs { world, tok, judge, base, btok })
     }
 
     /// Cold-start SFT of LoRA adapters on the base: the teacher's candidates filtered by the
@@ -94,12 +108,8 @@ impl Run {
     /// `base_sft/adapter.safetensors` + `adapter.json` and `base_sft_curve.*`.
     pub fn base_sft_step(&self, preset: &Preset, base_path: &Path) -> Result<PathBuf> {
         let bp = &preset.base;
-        let world = self.world()?;
-        let tok = self.tokenizer()?;
-        let (judge, _) = self.load_judge()?;
+        let BaseInputs { world, tok, judge, base, btok } = self.base_inputs(base_path)?;
         let scorer = Scorer { judge: &judge, tok: &tok, device: Device::Cpu };
-        let base = self.load_base(base_path)?;
-        let btok = base_tokenizer(&base)?;
         let mut rng = self.rng(13);
         let pb = bar("teacher");
         let (examples, stats) =
@@ -140,26 +150,11 @@ impl Run {
     /// Writes `base_grpo/adapter.safetensors` and `base_grpo_curve.*`.
     pub fn base_grpo_step(&self, preset: &Preset, base_path: &Path) -> Result<PathBuf> {
         let bp = &preset.base;
-        let world = self.world()?;
-        let tok = self.tokenizer()?;
-        let (judge, _) = self.load_judge()?;
+        let BaseInputs { world, tok, judge, base, btok } = self.base_inputs(base_path)?;
         let scorer = Scorer { judge: &judge, tok: &tok, device: Device::Cpu };
-        let base = self.load_base(base_path)?;
-        let btok = base_tokenizer(&base)?;
         let (model, vars, info) =
             load_adapted(&base, &self.adapter_path("base_sft")).context("the base SFT adapter (run base-sft first)")?;
-        let cfg = crate::train::grpo::GrpoConfig {
-            steps: bp.grpo_steps,
-            prompts_per_step: bp.grpo_prompts,
-            group: 4,
-            clip: 0.2,
-            lr: bp.grpo_lr,
-            max_new: bp.max_new_tokens,
-            no_repeat: preset.no_repeat_ngram,
-            minibatches: 2,
-            reward_pairs: preset.grpo_reward_pairs,
-            on_policy: preset.grpo_on_policy,
-        };
+        let cfg = preset.grpo_config(bp.grpo_steps, bp.grpo_prompts, bp.grpo_lr, bp.max_new_tokens);
         let pb = bar("base grpo");
         let curves = crate::train::grpo::train(
             &model,
@@ -189,12 +184,8 @@ impl Run {
         greedy: bool,
     ) -> Result<Vec<crate::train::eval::EvalRow>> {
         let bp: BasePreset = read_json(&self.path("base_preset.json")).unwrap_or_else(|_| preset.base.clone());
-        let world = self.world()?;
-        let tok = self.tokenizer()?;
-        let (judge, _) = self.load_judge()?;
+        let BaseInputs { world, tok, judge, base, btok } = self.base_inputs(base_path)?;
         let scorer = Scorer { judge: &judge, tok: &tok, device: Device::Cpu };
-        let base = self.load_base(base_path)?;
-        let btok = base_tokenizer(&base)?;
         let users = test_users(&world, bp.eval_users);
         let mut rows = reference_rows(&scorer, &users)?;
         let mut audits = Vec::new();
