@@ -105,7 +105,14 @@ enum Cmd {
     /// Cold start on a pretrained base: LoRA adapters (base frozen) trained on the teacher's
     /// judge-filtered reasoning in ChatML (base_sft/adapter.safetensors). Needs synth,
     /// tokenizer and judge in the run.
-    BaseSft(BaseArg),
+    BaseSft {
+        #[command(flatten)]
+        base: BaseArg,
+        /// Continue from this adapter instead of fresh adapters: another `sft_steps` × `sft_batch`
+        /// sequences, drawn with another seed (a second pass over the filtered data).
+        #[arg(long, env = "PREFSTREAM_BASE_RESUME", value_name = "ADAPTER")]
+        resume: Option<PathBuf>,
+    },
     /// GRPO of the base SFT adapter with the judge reward (base_grpo/adapter.safetensors).
     BaseGrpo(BaseArg),
     /// Acc_jud of the base policies (base_sft, base_grpo) on held-out users beside Null, the
@@ -220,8 +227,8 @@ fn main() -> Result<()> {
             let rows = run.eval_step(&preset()?, &SETTINGS, *studies, *greedy, judge_run.as_deref(), *best_of)?;
             println!("{}", markdown(&rows))
         }
-        Cmd::BaseSft(b) => {
-            run.base_sft_step(&preset()?, &b.path())?;
+        Cmd::BaseSft { base, resume } => {
+            run.base_sft_step(&preset()?, &base.path(), resume.as_deref())?;
         }
         Cmd::BaseGrpo(b) => {
             run.base_grpo_step(&preset()?, &b.path())?;
@@ -241,7 +248,7 @@ fn main() -> Result<()> {
             run.judge_step(&p)?;
             if let Some(base) = base {
                 let path = base.clone().unwrap_or_else(default_gguf);
-                let mut adapter = run.base_sft_step(&p, &path)?;
+                let mut adapter = run.base_sft_step(&p, &path, None)?;
                 if p.base.grpo_steps > 0 {
                     adapter = run.base_grpo_step(&p, &path)?;
                 }

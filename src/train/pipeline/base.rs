@@ -105,8 +105,9 @@ impl Run {
 
     /// Cold-start SFT of LoRA adapters on the base: the teacher's candidates filtered by the
     /// run's judge (R_jud = 1), in ChatML, loss on the response only. Writes
-    /// `base_sft/adapter.safetensors` + `adapter.json` and `base_sft_curve.*`.
-    pub fn base_sft_step(&self, preset: &Preset, base_path: &Path) -> Result<PathBuf> {
+    /// `base_sft/adapter.safetensors` + `adapter.json` and `base_sft_curve.*`. With `resume`,
+    /// training continues from that adapter, with batches drawn from another seed.
+    pub fn base_sft_step(&self, preset: &Preset, base_path: &Path, resume: Option<&Path>) -> Result<PathBuf> {
         let bp = &preset.base;
         let BaseInputs { world, tok, judge, base, btok } = self.base_inputs(base_path)?;
         let scorer = Scorer { judge: &judge, tok: &tok, device: Device::Cpu };
@@ -126,9 +127,18 @@ impl Run {
             sequences = bp.sft_steps * bp.sft_batch,
             "tokenized for the base"
         );
-        let lora = bp.lora();
-        let vars = VarMap::new();
-        let model = Llama::new(&base, Some((&lora, &vars)))?;
+        let (model, vars, lora) = match resume {
+            Some(path) => {
+                // The same filtered data, other batches: a fresh rng stream for the sampler.
+                rng = self.rng(14);
+                let (model, vars, info) = load_adapted(&base, path).context("the adapter to resume from")?;
+                (model, vars, info.lora)
+            }
+            None => {
+                let (lora, vars) = (bp.lora(), VarMap::new());
+                (Llama::new(&base, Some((&lora, &vars)))?, vars, lora)
+            }
+        };
         let tc = TrainConfig {
             steps: bp.sft_steps,
             batch: bp.sft_batch,
