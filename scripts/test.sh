@@ -12,5 +12,9 @@ export TANSU_BIN
 cargo build --release --all-targets
 # The SmolLM2 package from the pinned base + the adapter in models/smollm2 (idempotent, ~10 s).
 echo "test: SmolLM2 package at $(./scripts/base-package.sh)"
+# The alert rules and their unit tests (deploy/prometheus/alerts.test.yaml).
+promtool check rules deploy/prometheus/alerts.yaml
+(cd deploy/prometheus && promtool test rules alerts.test.yaml)
+
 # Benches are built above but not run: they are measurements, not tests.
 cargo test --release --lib --bins --tests -- --test-threads 2

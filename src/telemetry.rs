@@ -40,6 +40,8 @@ pub struct Metrics {
     pub rebalances: IntCounterVec,
     pub assigned_partitions: IntGauge,
     pub recovered_windows: IntCounter,
+    /// 1 while `/readyz` would answer 200 (set on each scrape), so alerts can see readiness.
+    pub ready: IntGauge,
     pub stage_seconds: HistogramVec,
 }
 
@@ -75,7 +77,7 @@ impl Metrics {
         )
         .expect("valid metric");
         registry.register(Box::new(stage_seconds.clone())).expect("unique metric");
-        Arc::new(Self {
+        let m = Self {
             events: counter_vec("events_total", "Records taken from the events topic, by outcome", &["outcome"]),
             windows: counter_vec("windows_total", "Windows finished, by outcome", &["outcome"]),
             invalid_outputs: counter(
@@ -97,9 +99,25 @@ impl Metrics {
             rebalances: counter_vec("rebalances_total", "Rebalance callbacks, by kind", &["kind"]),
             assigned_partitions: gauge("assigned_partitions", "Partitions assigned to this instance"),
             recovered_windows: counter("recovered_windows_total", "Claimed windows re-driven after a crash"),
+            ready: gauge("ready", "1 while every dependency answered on its last use and no shutdown began"),
             stage_seconds,
             registry,
-        })
+        };
+        // Every label value at zero from the start, so each series exists from the first scrape
+        // and rate() and the alert rules see 0 → n rather than a series appearing.
+        let zeros: [(&IntCounterVec, &[&str]); 5] = [
+            (&m.events, &["appended", "duplicate", "dead_lettered", "forget", "forget_skipped"]),
+            (&m.windows, &["applied", "already_applied", "parked", "abandoned", "unclaimed", "failed"]),
+            (&m.retries, &["redis", "kafka", "engine"]),
+            (&m.commits, &["ok", "error"]),
+            (&m.rebalances, &["assign", "revoke"]),
+        ];
+        for (vec, values) in zeros {
+            for v in values {
+                vec.with_label_values(&[v]);
+            }
+        }
+        Arc::new(m)
     }
 
     /// The Prometheus text exposition.
@@ -151,7 +169,13 @@ pub async fn serve_http(
     use axum::{http::StatusCode, routing::get, Router};
     let ready = health.clone();
     let app = Router::new()
-        .route("/metrics", get(move || async move { metrics.render() }))
+        .route(
+            "/metrics",
+            get(move || async move {
+                metrics.ready.set(health.ready() as i64);
+                metrics.render()
+            }),
+        )
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/readyz",

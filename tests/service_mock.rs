@@ -117,6 +117,7 @@ async fn mock_cluster_redis_forget_and_metrics() {
     ] {
         assert!(text.contains(line), "metrics lack {line:?}:\n{text}");
     }
+    deploy_names_exist(&text);
     assert!(http_get(addr.port(), "/healthz").contains("200 OK"));
     assert!(http_get(addr.port(), "/readyz").contains("200 OK"), "ready once assigned");
 
@@ -124,6 +125,28 @@ async fn mock_cluster_redis_forget_and_metrics() {
     let summary = tokio::time::timeout(Duration::from_secs(60), service).await.expect("drains").unwrap().unwrap();
     assert_eq!(summary.records as usize, events.len() + 1);
     drop(cluster);
+}
+
+/// Every `prefstream_*` metric the dashboard and the alert rules query is one the running
+/// service exports (a histogram's `_bucket` series through its family's `# TYPE` line).
+fn deploy_names_exist(scraped: &str) {
+    let root = env!("CARGO_MANIFEST_DIR");
+    for file in ["deploy/prometheus/alerts.yaml", "deploy/grafana/prefstream.json"] {
+        let text = std::fs::read_to_string(format!("{root}/{file}")).unwrap();
+        let names: std::collections::BTreeSet<&str> = text
+            .match_indices("prefstream_")
+            .map(|(i, _)| {
+                let rest = &text[i..];
+                &rest[..rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(rest.len())]
+            })
+            .filter(|n| !n.ends_with('_'))
+            .collect();
+        assert!(names.len() >= 5, "{file} names only {names:?}");
+        for name in names {
+            let family = name.strip_suffix("_bucket").unwrap_or(name);
+            assert!(scraped.contains(&format!("# TYPE {family} ")), "{file} uses {name}, which /metrics lacks");
+        }
+    }
 }
 
 /// Starts the service on a fresh mock cluster with the in-memory store and the real model;
