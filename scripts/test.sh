@@ -15,6 +15,9 @@ echo "test: SmolLM2 package at $(./scripts/base-package.sh)"
 # The alert rules and their unit tests (deploy/prometheus/alerts.test.yaml).
 promtool check rules deploy/prometheus/alerts.yaml
 (cd deploy/prometheus && promtool test rules alerts.test.yaml)
+promtool check config deploy/prometheus/prometheus.yml
+# The container image's runtime stage from the release build, checked inside its file system.
+./scripts/image.sh
 
 # Benches are built above but not run: they are measurements, not tests.
 cargo test --release --lib --bins --tests -- --test-threads 2

@@ -378,7 +378,9 @@ fn optimum_model_with_foreign_special_tokens() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"));
-    assert!(v["tokens"].as_u64().unwrap() > 0 && !v["raw"].as_str().unwrap().contains("<|"), "{v}");
+    // Random weights may spell "<|" from ordinary byte tokens; only whole special tokens count.
+    let raw = v["raw"].as_str().unwrap();
+    assert!(v["tokens"].as_u64().unwrap() > 0 && !CHATML_SPECIALS.iter().any(|t| raw.contains(t)), "{v}");
 }
 
 #[test]
