@@ -1,130 +1,295 @@
-//! Observability: Prometheus metrics, readiness flags, the `/metrics` `/healthz` `/readyz`
+//! Observability: metrics (the `metrics` facade, exported in Prometheus's text format), readiness flags, the `/metrics` `/healthz` `/readyz`
 //! HTTP endpoint, logging setup, and redaction of secrets before anything is logged.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::Mutex;
 
-use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
-};
+use metrics::{Key, KeyName, Metadata, Recorder, SharedString, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
-/// Every metric the service exports, registered in one registry.
+/// The service's recorder, shared by its handles and (after [`Metrics::install_global`]) by
+/// the `metrics` macros of any library, so everything lands in the one `/metrics`.
+#[derive(Clone)]
+struct SharedRecorder(Arc<PrometheusRecorder>);
+
+impl Recorder for SharedRecorder {
+    fn describe_counter(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        self.0.describe_counter(key, unit, description)
+    }
+    fn describe_gauge(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        self.0.describe_gauge(key, unit, description)
+    }
+    fn describe_histogram(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        self.0.describe_histogram(key, unit, description)
+    }
+    fn register_counter(&self, key: &Key, metadata: &Metadata<'_>) -> metrics::Counter {
+        self.0.register_counter(key, metadata)
+    }
+    fn register_gauge(&self, key: &Key, metadata: &Metadata<'_>) -> metrics::Gauge {
+        self.0.register_gauge(key, metadata)
+    }
+    fn register_histogram(&self, key: &Key, metadata: &Metadata<'_>) -> metrics::Histogram {
+        self.0.register_histogram(key, metadata)
+    }
+}
+
+const METADATA: Metadata<'static> = Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+
+fn key(name: &str, label: Option<(&'static str, &str)>) -> Key {
+    match label {
+        Some((k, v)) => Key::from_parts(name.to_string(), vec![metrics::Label::new(k, v.to_string())]),
+        None => Key::from_name(name.to_string()),
+    }
+}
+
+/// A counter exported through `metrics`, with its value kept beside it so that the service's
+/// own reports (`demo`, the replay report, tests) can read it; the exporter cannot be read back.
+#[derive(Clone)]
+pub struct Counter {
+    handle: metrics::Counter,
+    value: Arc<AtomicU64>,
+}
+
+impl Counter {
+    pub fn inc(&self) {
+        self.inc_by(1)
+    }
+    pub fn inc_by(&self, n: u64) {
+        self.handle.increment(n);
+        self.value.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.value.load(Ordering::Relaxed)
+    }
+}
+
+/// An integer gauge (the exporter stores gauges as f64; ours are counts and flags).
+#[derive(Clone)]
+pub struct Gauge {
+    handle: metrics::Gauge,
+    value: Arc<std::sync::atomic::AtomicI64>,
+}
+
+impl Gauge {
+    pub fn set(&self, v: i64) {
+        self.handle.set(v as f64);
+        self.value.store(v, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> i64 {
+        self.value.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Clone)]
+pub struct Histogram(metrics::Histogram);
+
+impl Histogram {
+    pub fn observe(&self, seconds: f64) {
+        self.0.record(seconds)
+    }
+}
+
+/// A family of series under one name and one label, registered on first use of a value.
+pub struct Family<T> {
+    recorder: SharedRecorder,
+    name: &'static str,
+    label: &'static str,
+    series: Mutex<HashMap<String, T>>,
+    make: fn(&SharedRecorder, Key) -> T,
+}
+
+impl<T: Clone> Family<T> {
+    /// The series for `values[0]` (one label; the slice keeps the `prometheus` crate's call shape).
+    pub fn with_label_values(&self, values: &[&str]) -> T {
+        let value = values.first().copied().unwrap_or_default();
+        let mut series = self.series.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = series.get(value) {
+            return s.clone();
+        }
+        let s = (self.make)(&self.recorder, key(self.name, Some((self.label, value))));
+        series.insert(value.to_string(), s.clone());
+        s
+    }
+}
+
+fn make_counter(r: &SharedRecorder, key: Key) -> Counter {
+    Counter { handle: r.register_counter(&key, &METADATA), value: Arc::default() }
+}
+
+fn make_histogram(r: &SharedRecorder, key: Key) -> Histogram {
+    Histogram(r.register_histogram(&key, &METADATA))
+}
+
+pub type CounterVec = Family<Counter>;
+pub type HistogramVec = Family<Histogram>;
+
+/// Every metric the service exports, through the `metrics` facade into one Prometheus
+/// recorder of its own (so tests and embedded runs each count separately).
 pub struct Metrics {
-    pub registry: Registry,
+    recorder: SharedRecorder,
+    handle: PrometheusHandle,
     /// Records taken from the events topic, by outcome:
     /// appended | duplicate | dead_lettered | forget.
-    pub events: IntCounterVec,
+    pub events: CounterVec,
     /// Windows finished, by outcome: applied | already_applied | parked | abandoned | unclaimed.
-    pub windows: IntCounterVec,
+    pub windows: CounterVec,
     /// Model outputs that failed the format check (the description was kept).
-    pub invalid_outputs: IntCounter,
+    pub invalid_outputs: Counter,
     /// Compare-and-set conflicts (another writer moved the version).
-    pub conflicts: IntCounter,
-    pub updates_published: IntCounter,
-    pub tombstones_published: IntCounter,
+    pub conflicts: Counter,
+    pub updates_published: Counter,
+    pub tombstones_published: Counter,
     /// Transient errors that were retried, by component: redis | kafka | engine.
-    pub retries: IntCounterVec,
+    pub retries: CounterVec,
     pub inference_seconds: Histogram,
     /// From claim (window full) to published update.
     pub window_seconds: Histogram,
-    pub generated_tokens: IntCounter,
+    pub generated_tokens: Counter,
     /// Windows queued or running in the inference stage.
-    pub windows_inflight: IntGauge,
+    pub windows_inflight: Gauge,
     /// Records taken from Kafka whose effect is not yet durable.
-    pub records_outstanding: IntGauge,
+    pub records_outstanding: Gauge,
     /// 1 while the consumer's partitions are paused for backpressure.
-    pub consumer_paused: IntGauge,
-    pub pauses: IntCounter,
-    pub commits: IntCounterVec,
-    pub rebalances: IntCounterVec,
-    pub assigned_partitions: IntGauge,
-    pub recovered_windows: IntCounter,
+    pub consumer_paused: Gauge,
+    pub pauses: Counter,
+    pub commits: CounterVec,
+    pub rebalances: CounterVec,
+    pub assigned_partitions: Gauge,
+    pub recovered_windows: Counter,
     /// 1 while `/readyz` would answer 200 (set on each scrape), so alerts can see readiness.
-    pub ready: IntGauge,
+    pub ready: Gauge,
     pub stage_seconds: HistogramVec,
+}
+
+fn exponential(start: f64, factor: f64, n: i32) -> Vec<f64> {
+    (0..n).map(|i| start * factor.powi(i)).collect()
 }
 
 impl Metrics {
     pub fn new() -> Arc<Self> {
-        let registry = Registry::new();
-        let counter = |name: &str, help: &str| {
-            let c = IntCounter::new(format!("prefstream_{name}"), help).expect("valid metric");
-            registry.register(Box::new(c.clone())).expect("unique metric");
-            c
+        let latency = exponential(0.005, 2.0, 14);
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full("prefstream_inference_seconds".into()), &latency)
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Full("prefstream_window_seconds".into()), &latency))
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("prefstream_stage_seconds".into()),
+                    &exponential(0.0001, 4.0, 10),
+                )
+            })
+            .expect("non-empty buckets");
+        let prometheus = builder.build_recorder();
+        let handle = prometheus.handle();
+        let recorder = SharedRecorder(Arc::new(prometheus));
+        let r = &recorder;
+        let describe = |name: &'static str, help: &'static str| {
+            // One description per name; the exporter keys HELP by name, whatever the kind.
+            r.describe_counter(KeyName::from(name), None, SharedString::from(help));
         };
-        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(format!("prefstream_{name}"), help), labels).expect("valid metric");
-            registry.register(Box::new(c.clone())).expect("unique metric");
-            c
+        let counter = |name: &'static str, help: &'static str| {
+            describe(name, help);
+            make_counter(r, key(name, None))
         };
-        let gauge = |name: &str, help: &str| {
-            let g = IntGauge::new(format!("prefstream_{name}"), help).expect("valid metric");
-            registry.register(Box::new(g.clone())).expect("unique metric");
-            g
+        let gauge = |name: &'static str, help: &'static str| {
+            describe(name, help);
+            Gauge { handle: r.register_gauge(&key(name, None), &METADATA), value: Arc::default() }
         };
-        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
-            let h = Histogram::with_opts(HistogramOpts::new(format!("prefstream_{name}"), help).buckets(buckets))
-                .expect("valid metric");
-            registry.register(Box::new(h.clone())).expect("unique metric");
-            h
+        let histogram = |name: &'static str, help: &'static str| {
+            describe(name, help);
+            make_histogram(r, key(name, None))
         };
-        let latency = prometheus::exponential_buckets(0.005, 2.0, 14).expect("buckets");
-        let stage_seconds = HistogramVec::new(
-            HistogramOpts::new("prefstream_stage_seconds", "Time spent per record or window in each stage")
-                .buckets(prometheus::exponential_buckets(0.0001, 4.0, 10).expect("buckets")),
-            &["stage"],
-        )
-        .expect("valid metric");
-        registry.register(Box::new(stage_seconds.clone())).expect("unique metric");
-        let m = Self {
-            events: counter_vec("events_total", "Records taken from the events topic, by outcome", &["outcome"]),
-            windows: counter_vec("windows_total", "Windows finished, by outcome", &["outcome"]),
+        let family = |name: &'static str, help: &'static str, label: &'static str, values: &[&str]| {
+            describe(name, help);
+            let f = Family { recorder: r.clone(), name, label, series: Mutex::default(), make: make_counter };
+            // Every known label value at zero from the start, so each series exists from the
+            // first scrape and rate() and the alert rules see 0 → n rather than a series appearing.
+            for v in values {
+                f.with_label_values(&[v]);
+            }
+            f
+        };
+        describe("prefstream_stage_seconds", "Time spent per record or window in each stage");
+        let stage_seconds = Family {
+            recorder: recorder.clone(),
+            name: "prefstream_stage_seconds",
+            label: "stage",
+            series: Mutex::default(),
+            make: make_histogram,
+        };
+        Arc::new(Self {
+            events: family(
+                "prefstream_events_total",
+                "Records taken from the events topic, by outcome",
+                "outcome",
+                &["appended", "duplicate", "dead_lettered", "forget", "forget_skipped"],
+            ),
+            windows: family(
+                "prefstream_windows_total",
+                "Windows finished, by outcome",
+                "outcome",
+                &["applied", "already_applied", "parked", "abandoned", "unclaimed", "failed"],
+            ),
             invalid_outputs: counter(
-                "invalid_outputs_total",
+                "prefstream_invalid_outputs_total",
                 "Model outputs that failed the format check (previous description kept)",
             ),
-            conflicts: counter("version_conflicts_total", "Compare-and-set conflicts on the description version"),
-            updates_published: counter("updates_published_total", "Preference updates published"),
-            tombstones_published: counter("tombstones_published_total", "Tombstones published for forget events"),
-            retries: counter_vec("retries_total", "Transient errors retried, by component", &["component"]),
-            inference_seconds: histogram("inference_seconds", "Model latency per window", latency.clone()),
-            window_seconds: histogram("window_seconds", "From claimed window to published update", latency),
-            generated_tokens: counter("generated_tokens_total", "Tokens generated by the model"),
-            windows_inflight: gauge("windows_inflight", "Windows queued or running in the inference stage"),
-            records_outstanding: gauge("records_outstanding", "Records taken whose effect is not durable yet"),
-            consumer_paused: gauge("consumer_paused", "1 while partitions are paused for backpressure"),
-            pauses: counter("consumer_pauses_total", "Times the consumer paused its partitions for backpressure"),
-            commits: counter_vec("offset_commits_total", "Offset commits, by result", &["result"]),
-            rebalances: counter_vec("rebalances_total", "Rebalance callbacks, by kind", &["kind"]),
-            assigned_partitions: gauge("assigned_partitions", "Partitions assigned to this instance"),
-            recovered_windows: counter("recovered_windows_total", "Claimed windows re-driven after a crash"),
-            ready: gauge("ready", "1 while every dependency answered on its last use and no shutdown began"),
+            conflicts: counter(
+                "prefstream_version_conflicts_total",
+                "Compare-and-set conflicts on the description version",
+            ),
+            updates_published: counter("prefstream_updates_published_total", "Preference updates published"),
+            tombstones_published: counter(
+                "prefstream_tombstones_published_total",
+                "Tombstones published for forget events",
+            ),
+            retries: family(
+                "prefstream_retries_total",
+                "Transient errors retried, by component",
+                "component",
+                &["redis", "kafka", "engine"],
+            ),
+            inference_seconds: histogram("prefstream_inference_seconds", "Model latency per window"),
+            window_seconds: histogram("prefstream_window_seconds", "From claimed window to published update"),
+            generated_tokens: counter("prefstream_generated_tokens_total", "Tokens generated by the model"),
+            windows_inflight: gauge("prefstream_windows_inflight", "Windows queued or running in the inference stage"),
+            records_outstanding: gauge(
+                "prefstream_records_outstanding",
+                "Records taken whose effect is not durable yet",
+            ),
+            consumer_paused: gauge("prefstream_consumer_paused", "1 while partitions are paused for backpressure"),
+            pauses: counter(
+                "prefstream_consumer_pauses_total",
+                "Times the consumer paused its partitions for backpressure",
+            ),
+            commits: family("prefstream_offset_commits_total", "Offset commits, by result", "result", &["ok", "error"]),
+            rebalances: family(
+                "prefstream_rebalances_total",
+                "Rebalance callbacks, by kind",
+                "kind",
+                &["assign", "revoke"],
+            ),
+            assigned_partitions: gauge("prefstream_assigned_partitions", "Partitions assigned to this instance"),
+            recovered_windows: counter("prefstream_recovered_windows_total", "Claimed windows re-driven after a crash"),
+            ready: gauge("prefstream_ready", "1 while every dependency answered on its last use and no shutdown began"),
             stage_seconds,
-            registry,
-        };
-        // Every label value at zero from the start, so each series exists from the first scrape
-        // and rate() and the alert rules see 0 → n rather than a series appearing.
-        let zeros: [(&IntCounterVec, &[&str]); 5] = [
-            (&m.events, &["appended", "duplicate", "dead_lettered", "forget", "forget_skipped"]),
-            (&m.windows, &["applied", "already_applied", "parked", "abandoned", "unclaimed", "failed"]),
-            (&m.retries, &["redis", "kafka", "engine"]),
-            (&m.commits, &["ok", "error"]),
-            (&m.rebalances, &["assign", "revoke"]),
-        ];
-        for (vec, values) in zeros {
-            for v in values {
-                vec.with_label_values(&[v]);
-            }
-        }
-        Arc::new(m)
+            recorder,
+            handle,
+        })
+    }
+
+    /// Makes this recorder the process's global one, so `metrics::counter!` and friends in
+    /// libraries report into the same `/metrics`. Once per process; later calls are ignored.
+    pub fn install_global(&self) {
+        let _ = metrics::set_global_recorder(self.recorder.clone());
     }
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
-        let mut buf = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding cannot fail");
-        String::from_utf8(buf).expect("exposition is UTF-8")
+        self.handle.render()
     }
 }
 

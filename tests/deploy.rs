@@ -76,9 +76,9 @@ fn selects(selector: &Value, labels: &Value) -> bool {
 
 /// The variables a container sets itself (`env`), and those it takes from ConfigMaps.
 fn container_env(c: &Value) -> (BTreeMap<String, Value>, Vec<String>) {
-    let env = c["env"].as_array().map_or(BTreeMap::new(), |e| {
-        e.iter().map(|v| (str_of(&v["name"]).to_string(), v.clone())).collect()
-    });
+    let env = c["env"]
+        .as_array()
+        .map_or(BTreeMap::new(), |e| e.iter().map(|v| (str_of(&v["name"]).to_string(), v.clone())).collect());
     let maps = c["envFrom"].as_array().map_or(Vec::new(), |e| {
         e.iter().filter_map(|v| v["configMapRef"]["name"].as_str().map(str::to_string)).collect()
     });
@@ -108,7 +108,12 @@ fn check_rendered(objects: &[Value], run: &BTreeMap<String, String>, check: &BTr
     assert!(grace > shutdown, "grace {grace}s must exceed the shutdown timeout {shutdown}s");
 
     let by_name = |list: &Value, name: &str| -> Value {
-        list.as_array().unwrap().iter().find(|c| c["name"] == name).unwrap_or_else(|| panic!("container {name}")).clone()
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("container {name}"))
+            .clone()
     };
     let main = by_name(&spec["containers"], "prefstream");
     assert_eq!(main["args"], serde_json::json!(["run"]));
@@ -201,7 +206,11 @@ fn compose_sets_only_real_flags() {
     assert_eq!(services["prefstream"]["depends_on"]["topics"]["condition"], "service_completed_successfully");
 
     let svc = &services["prefstream"];
-    let shutdown = seconds(svc["environment"]["PREFSTREAM_SHUTDOWN_TIMEOUT"].as_str().unwrap_or(&flags("run")["PREFSTREAM_SHUTDOWN_TIMEOUT"]));
+    let shutdown = seconds(
+        svc["environment"]["PREFSTREAM_SHUTDOWN_TIMEOUT"]
+            .as_str()
+            .unwrap_or(&flags("run")["PREFSTREAM_SHUTDOWN_TIMEOUT"]),
+    );
     assert!(seconds(str_of(&svc["stop_grace_period"])) > shutdown, "stop_grace_period above the shutdown timeout");
     let redis = services["redis"]["command"].as_array().unwrap().iter().map(str_of).collect::<Vec<_>>().join(" ");
     assert!(redis.contains("--appendonly yes") && redis.contains("--maxmemory-policy noeviction"), "{redis}");

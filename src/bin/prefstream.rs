@@ -240,6 +240,7 @@ async fn run(args: RunArgs) -> Result<()> {
         "starting prefstream"
     );
     let (metrics, health) = (Metrics::new(), Arc::new(Health::default()));
+    metrics.install_global();
     let (stop_tx, stop_rx) = prefstream::service::shutdown_on_signals();
     if let Some(addr) = http {
         let mut rx = stop_rx.clone();
