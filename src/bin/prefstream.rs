@@ -220,7 +220,17 @@ fn start_engine(model: &ModelArgs) -> Result<EngineHandle> {
         ..BatcherConfig::default()
     };
     Engine::spawn(&model.model, model.device, config)
-        .with_context(|| format!("loading model package {} on {}", model.model.display(), model.device))
+        .with_context(|| package_error(&model.model, &model.device.to_string()))
+}
+
+/// The context of every failed package load: which package, and how to get a good one.
+fn package_error(path: &std::path::Path, device: &str) -> String {
+    format!(
+        "loading model package {} on {device} (a package is a directory of manifest.json, the model and \
+         tokenizer files it names: `--model onnx` is the shipped one, `scripts/base-package.sh` assembles \
+         the SmolLM2 one, `prefstream-train all --install DIR` trains a new one)",
+        path.display()
+    )
 }
 
 async fn run(args: RunArgs) -> Result<()> {
@@ -529,7 +539,7 @@ fn read_signals(path: &Path) -> Result<Vec<EventBody>> {
 fn infer(args: InferArgs) -> Result<()> {
     let signals = read_signals(&args.events)?;
     let (manifest, mut generator) = load_package(&args.model, &args.device)
-        .with_context(|| format!("loading model package {}", args.model.display()))?;
+        .with_context(|| package_error(&args.model, &args.device.to_string()))?;
     if let Some(n) = args.max_new_tokens {
         generator.max_new_tokens = n;
     }
