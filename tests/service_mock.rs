@@ -313,3 +313,45 @@ async fn invalid_output_keeps_the_description_and_parks_the_window() {
     service.await.unwrap().unwrap();
     drop(cluster);
 }
+
+/// A full Redis (`maxmemory` with `noeviction`, issue 29 item 3): every write is refused with
+/// OOM, so the service takes nothing in (no append, no version) and retries; once memory is
+/// freed it goes on, and every event ends in exactly one window, none lost or applied twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_redis_refuses_writes_then_recovers() {
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(&redis.url()).await.unwrap();
+    let mut conn = redis.conn();
+    let config = |conn: &mut redis::Connection, k: &str, v: &str| {
+        let () = redis::cmd("CONFIG").arg("SET").arg(k).arg(v).query(conn).unwrap();
+    };
+    config(&mut conn, "maxmemory-policy", "noeviction");
+    config(&mut conn, "maxmemory", "1"); // below what an empty server uses: every write is refused
+
+    let cluster = mock_cluster();
+    let pipeline = PipelineConfig { sampling: SamplingParams::GREEDY, ..PipelineConfig::default() };
+    let (metrics, stop, service) =
+        start(cluster.bootstrap_servers(), "onnx".as_ref(), Arc::new(store), pipeline, 64, Duration::from_secs(1))
+            .await;
+    let events = synth_events(3, 8, 51);
+    let b = cluster.bootstrap_servers();
+    let evs = events.clone();
+    tokio::task::spawn_blocking(move || produce_events(&b, &evs)).await.unwrap();
+
+    let retries = || metrics.retries.with_label_values(&["redis"]).get();
+    wait_for("refused writes to be retried", Duration::from_secs(60), || retries() >= 2).await;
+    assert_eq!(metrics.events.with_label_values(&["appended"]).get(), 0, "nothing appended while full");
+    assert_eq!(metrics.events.with_label_values(&["dead_lettered"]).get(), 0, "a full Redis is not bad input");
+    assert_eq!(metrics.updates_published.get(), 0);
+    assert!(!service.is_finished(), "the service waits for Redis rather than exiting");
+
+    config(&mut conn, "maxmemory", "0");
+    let applied = || metrics.windows.with_label_values(&["applied"]).get();
+    wait_for("all 6 windows after memory is freed", Duration::from_secs(300), || applied() >= 6).await;
+    let b = cluster.bootstrap_servers();
+    let published = tokio::task::spawn_blocking(move || updates(&b)).await.unwrap();
+    check_ledger(&events, &published, &mut conn, 4);
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(60), service).await.expect("drains").unwrap().unwrap();
+    drop(cluster);
+}
