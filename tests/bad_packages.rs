@@ -95,3 +95,18 @@ fn run_refuses_a_broken_package_before_taking_events() {
         refused(&dir, &["run", "--brokers", "127.0.0.1:1", "--redis-url", "redis://127.0.0.1:1/", "--http", "off"]);
     assert!(stderr.contains("model.onnx"), "{stderr}");
 }
+
+/// No ONNX Runtime library where `ORT_DYLIB_PATH` points: the error names the fix.
+#[test]
+fn a_missing_onnx_runtime_names_the_fix() {
+    let out = Command::new(env!("CARGO_BIN_EXE_prefstream"))
+        .args(["infer", "--greedy", "--model", "onnx", "--events", "examples/events.jsonl"])
+        .env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains("scripts/setup.sh") && stderr.contains("ORT_DYLIB_PATH"), "{stderr}");
+}
