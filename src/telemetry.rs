@@ -1,12 +1,11 @@
-//! Observability: metrics (the `metrics` facade, exported in Prometheus's text format), readiness flags, the `/metrics` `/healthz` `/readyz`
-//! HTTP endpoint, logging setup, and redaction of secrets before anything is logged.
+//! Observability: metrics (the `metrics` facade, exported in Prometheus's text format),
+//! readiness flags, the `/metrics` `/healthz` `/readyz` HTTP endpoint, logging setup, and
+//! redaction of secrets before anything is logged.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use metrics::{Key, KeyName, Metadata, Recorder, SharedString, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
@@ -71,7 +70,7 @@ impl Counter {
 #[derive(Clone)]
 pub struct Gauge {
     handle: metrics::Gauge,
-    value: Arc<std::sync::atomic::AtomicI64>,
+    value: Arc<AtomicI64>,
 }
 
 impl Gauge {
@@ -103,6 +102,15 @@ pub struct Family<T> {
 }
 
 impl<T: Clone> Family<T> {
+    fn new(
+        recorder: &SharedRecorder,
+        name: &'static str,
+        label: &'static str,
+        make: fn(&SharedRecorder, Key) -> T,
+    ) -> Self {
+        Self { recorder: recorder.clone(), name, label, series: Mutex::default(), make }
+    }
+
     /// The series for `values[0]` (one label; the slice keeps the `prometheus` crate's call shape).
     pub fn with_label_values(&self, values: &[&str]) -> T {
         let value = values.first().copied().unwrap_or_default();
@@ -204,7 +212,7 @@ impl Metrics {
         };
         let family = |name: &'static str, help: &'static str, label: &'static str, values: &[&str]| {
             describe(name, help);
-            let f = Family { recorder: r.clone(), name, label, series: Mutex::default(), make: make_counter };
+            let f = Family::new(r, name, label, make_counter);
             // Every known label value at zero from the start, so each series exists from the
             // first scrape and rate() and the alert rules see 0 → n rather than a series appearing.
             for v in values {
@@ -213,13 +221,7 @@ impl Metrics {
             f
         };
         describe("prefstream_stage_seconds", "Time spent per record or window in each stage");
-        let stage_seconds = Family {
-            recorder: recorder.clone(),
-            name: "prefstream_stage_seconds",
-            label: "stage",
-            series: Mutex::default(),
-            make: make_histogram,
-        };
+        let stage_seconds = Family::new(r, "prefstream_stage_seconds", "stage", make_histogram);
         Arc::new(Self {
             events: family(
                 "prefstream_events_total",

@@ -24,12 +24,11 @@ fn edit_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     std::fs::write(path, v.to_string()).unwrap();
 }
 
-/// Runs `prefstream ARGS --model DIR` and returns its stderr, asserting it failed cleanly.
-fn refused(dir: &Path, args: &[&str]) -> String {
+/// `prefstream ARGS` with `env`; returns its stderr, asserting it failed cleanly (exit 1, no panic).
+fn fails_cleanly(args: &[&std::ffi::OsStr], env: &[(&str, &str)]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_prefstream"))
         .args(args)
-        .arg("--model")
-        .arg(dir)
+        .envs(env.iter().copied())
         .env("RUST_BACKTRACE", "0")
         .env_remove("PREFSTREAM_MODEL")
         .output()
@@ -37,6 +36,14 @@ fn refused(dir: &Path, args: &[&str]) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(out.status.code(), Some(1), "an error exit, not a crash or success: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
+/// Runs `prefstream ARGS --model DIR`: it fails cleanly and names how to get a good package.
+fn refused(dir: &Path, args: &[&str]) -> String {
+    let mut all: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+    all.extend(["--model".as_ref(), dir.as_os_str()]);
+    let stderr = fails_cleanly(&all, &[]);
     assert!(stderr.contains("scripts/base-package.sh") && stderr.contains("--model onnx"), "no fix named: {stderr}");
     stderr
 }
@@ -99,14 +106,7 @@ fn run_refuses_a_broken_package_before_taking_events() {
 /// No ONNX Runtime library where `ORT_DYLIB_PATH` points: the error names the fix.
 #[test]
 fn a_missing_onnx_runtime_names_the_fix() {
-    let out = Command::new(env!("CARGO_BIN_EXE_prefstream"))
-        .args(["infer", "--greedy", "--model", "onnx", "--events", "examples/events.jsonl"])
-        .env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
+    let args = ["infer", "--greedy", "--model", "onnx", "--events", "examples/events.jsonl"].map(std::ffi::OsStr::new);
+    let stderr = fails_cleanly(&args, &[("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")]);
     assert!(stderr.contains("scripts/setup.sh") && stderr.contains("ORT_DYLIB_PATH"), "{stderr}");
 }

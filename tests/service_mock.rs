@@ -40,9 +40,8 @@ async fn mock_cluster_redis_forget_and_metrics() {
         ts: "2026-11-26T23:00:00Z".into(),
         body: EventBody::Forget,
     };
-    let b = brokers.clone();
     let all: Vec<Event> = events.iter().cloned().chain([forget]).collect();
-    tokio::task::spawn_blocking(move || produce_events(&b, &all)).await.unwrap();
+    produce_async(&brokers, &all).await;
 
     let engine = Engine::spawn("onnx".as_ref(), Device::Cpu, BatcherConfig { max_batch: 16, ..Default::default() })
         .expect("the shipped model loads (run scripts/setup.sh for ONNX Runtime)");
@@ -189,6 +188,18 @@ async fn start(
     (metrics, stop_tx, service)
 }
 
+/// `produce_events` off the runtime's threads (librdkafka's producer blocks).
+async fn produce_async(brokers: &str, events: &[Event]) {
+    let (b, evs) = (brokers.to_string(), events.to_vec());
+    tokio::task::spawn_blocking(move || produce_events(&b, &evs)).await.unwrap();
+}
+
+/// Every update published so far, read off the runtime's threads.
+async fn updates_async(brokers: &str) -> Vec<prefstream::pipeline::Update> {
+    let b = brokers.to_string();
+    tokio::task::spawn_blocking(move || updates(&b)).await.unwrap()
+}
+
 async fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !done() {
@@ -214,9 +225,7 @@ async fn sustained_backpressure_pauses_then_resumes() {
     let (metrics, stop, service) =
         start(cluster.bootstrap_servers(), "onnx".as_ref(), store, pipeline, 1, Duration::from_millis(50)).await;
     let events = synth_events(4, 40, 41);
-    let b = cluster.bootstrap_servers();
-    let evs = events.clone();
-    tokio::task::spawn_blocking(move || produce_events(&b, &evs)).await.unwrap();
+    produce_async(&cluster.bootstrap_servers(), &events).await;
     let applied = || metrics.windows.with_label_values(&["applied"]).get();
     wait_for("all 40 windows", Duration::from_secs(300), || applied() >= 40).await;
     assert!(metrics.pauses.get() >= 1, "the consumer paused under sustained backpressure");
@@ -237,13 +246,10 @@ async fn idle_flush_infers_a_partial_window() {
     let (metrics, stop, service) =
         start(cluster.bootstrap_servers(), "onnx".as_ref(), store, pipeline, 64, Duration::from_secs(1)).await;
     let events = synth_events(1, 6, 42); // one full window and a partial one of 2
-    let b = cluster.bootstrap_servers();
-    let evs = events.clone();
-    tokio::task::spawn_blocking(move || produce_events(&b, &evs)).await.unwrap();
+    produce_async(&cluster.bootstrap_servers(), &events).await;
     let applied = || metrics.windows.with_label_values(&["applied"]).get();
     wait_for("the full and the idle window", Duration::from_secs(120), || applied() >= 2).await;
-    let b = cluster.bootstrap_servers();
-    let updates = tokio::task::spawn_blocking(move || updates(&b)).await.unwrap();
+    let updates = updates_async(&cluster.bootstrap_servers()).await;
     let mut sizes: Vec<usize> = updates.iter().map(|u| u.event_ids.len()).collect();
     sizes.sort();
     assert_eq!(sizes, [2, 4], "a window of 4, then the idle flush of the remaining 2");
@@ -273,8 +279,7 @@ async fn invalid_output_keeps_the_description_and_parks_the_window() {
         Duration::from_secs(1),
     )
     .await;
-    let (b, first) = (cluster.bootstrap_servers(), events[..4].to_vec());
-    tokio::task::spawn_blocking(move || produce_events(&b, &first)).await.unwrap();
+    produce_async(&cluster.bootstrap_servers(), &events[..4]).await;
     wait_for("the first window", Duration::from_secs(120), || {
         metrics.windows.with_label_values(&["applied"]).get() >= 1
     })
@@ -294,8 +299,7 @@ async fn invalid_output_keeps_the_description_and_parks_the_window() {
     std::fs::write(dir.path().join("manifest.json"), manifest.to_string()).unwrap();
     let (metrics, stop, service) =
         start(cluster.bootstrap_servers(), dir.path(), store.clone(), pipeline, 64, Duration::from_secs(1)).await;
-    let (b, second) = (cluster.bootstrap_servers(), events[4..].to_vec());
-    tokio::task::spawn_blocking(move || produce_events(&b, &second)).await.unwrap();
+    produce_async(&cluster.bootstrap_servers(), &events[4..]).await;
     wait_for("the window to be parked", Duration::from_secs(120), || {
         metrics.windows.with_label_values(&["parked"]).get() >= 1
     })
@@ -334,9 +338,7 @@ async fn full_redis_refuses_writes_then_recovers() {
         start(cluster.bootstrap_servers(), "onnx".as_ref(), Arc::new(store), pipeline, 64, Duration::from_secs(1))
             .await;
     let events = synth_events(3, 8, 51);
-    let b = cluster.bootstrap_servers();
-    let evs = events.clone();
-    tokio::task::spawn_blocking(move || produce_events(&b, &evs)).await.unwrap();
+    produce_async(&cluster.bootstrap_servers(), &events).await;
 
     let retries = || metrics.retries.with_label_values(&["redis"]).get();
     wait_for("refused writes to be retried", Duration::from_secs(60), || retries() >= 2).await;
@@ -348,8 +350,7 @@ async fn full_redis_refuses_writes_then_recovers() {
     config(&mut conn, "maxmemory", "0");
     let applied = || metrics.windows.with_label_values(&["applied"]).get();
     wait_for("all 6 windows after memory is freed", Duration::from_secs(300), || applied() >= 6).await;
-    let b = cluster.bootstrap_servers();
-    let published = tokio::task::spawn_blocking(move || updates(&b)).await.unwrap();
+    let published = updates_async(&cluster.bootstrap_servers()).await;
     check_ledger(&events, &published, &mut conn, 4);
     stop.send(true).unwrap();
     tokio::time::timeout(Duration::from_secs(60), service).await.expect("drains").unwrap().unwrap();

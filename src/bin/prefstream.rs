@@ -219,12 +219,11 @@ fn start_engine(model: &ModelArgs) -> Result<EngineHandle> {
         max_wait_ms: model.batch_wait.as_millis() as u64,
         ..BatcherConfig::default()
     };
-    Engine::spawn(&model.model, model.device, config)
-        .with_context(|| package_error(&model.model, &model.device.to_string()))
+    Engine::spawn(&model.model, model.device, config).with_context(|| package_error(&model.model, model.device))
 }
 
 /// The context of every failed package load: which package, and how to get a good one.
-fn package_error(path: &std::path::Path, device: &str) -> String {
+fn package_error(path: &std::path::Path, device: impl std::fmt::Display) -> String {
     format!(
         "loading model package {} on {device} (a package is a directory of manifest.json, the model and \
          tokenizer files it names: `--model onnx` is the shipped one, `scripts/base-package.sh` assembles \
@@ -538,8 +537,8 @@ fn read_signals(path: &Path) -> Result<Vec<EventBody>> {
 
 fn infer(args: InferArgs) -> Result<()> {
     let signals = read_signals(&args.events)?;
-    let (manifest, mut generator) = load_package(&args.model, &args.device)
-        .with_context(|| package_error(&args.model, &args.device.to_string()))?;
+    let (manifest, mut generator) =
+        load_package(&args.model, &args.device).with_context(|| package_error(&args.model, args.device))?;
     if let Some(n) = args.max_new_tokens {
         generator.max_new_tokens = n;
     }
