@@ -12,8 +12,13 @@ pub const OPSET: i64 = 17;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DataType {
     Float = 1,
+    Uint8 = 2,
     Int64 = 7,
+    Float16 = 10,
 }
+
+/// The domain of ONNX Runtime's contrib operators (`MatMulNBits`).
+pub const MS_DOMAIN: &str = "com.microsoft";
 
 // ---- wire format ----------------------------------------------------------------------------
 
@@ -93,6 +98,11 @@ impl TensorProto {
             data_type: DataType::Int64,
             raw_data: data.iter().flat_map(|v| v.to_le_bytes()).collect(),
         }
+    }
+
+    /// A tensor of any type from its little-endian bytes.
+    pub fn raw(name: impl Into<String>, dims: &[i64], data_type: DataType, raw_data: Vec<u8>) -> Self {
+        Self { name: name.into(), dims: dims.to_vec(), data_type, raw_data }
     }
 
     fn encode(&self, buf: &mut Vec<u8>) {
@@ -349,6 +359,19 @@ impl GraphBuilder {
         name.into()
     }
 
+    /// An fp16 initializer from f32 values (rounded to nearest).
+    pub fn init_f16(&mut self, name: &str, dims: &[i64], data: &[f32]) -> String {
+        assert_eq!(dims.iter().product::<i64>() as usize, data.len(), "tensor dims do not match data length");
+        let raw = data.iter().flat_map(|&v| half::f16::from_f32(v).to_bits().to_le_bytes()).collect();
+        self.init_raw(TensorProto::raw(name, dims, DataType::Float16, raw))
+    }
+
+    pub fn init_raw(&mut self, t: TensorProto) -> String {
+        let name = t.name.clone();
+        self.graph.initializers.push(t);
+        name
+    }
+
     pub fn init_i64(&mut self, name: &str, dims: &[i64], data: &[i64]) -> String {
         self.graph.initializers.push(TensorProto::i64(name, dims, data));
         name.into()
@@ -381,11 +404,37 @@ impl GraphBuilder {
 
     /// Adds a single-output node writing to a chosen name (graph outputs).
     pub fn node_to(&mut self, op: &str, inputs: &[&str], output: &str, attributes: Vec<Attribute>) {
+        self.push_node(op, "", inputs, output, attributes);
+    }
+
+    /// `Split` of `x` along `axis` into `n` outputs of the sizes in the int64 tensor `sizes`.
+    pub fn split(&mut self, x: &str, sizes: &str, axis: i64, n: usize) -> Vec<String> {
+        let outs: Vec<String> = (0..n).map(|_| self.fresh("split")).collect();
+        let name = self.fresh("Split_node");
+        self.graph.nodes.push(NodeProto {
+            name,
+            op_type: "Split".into(),
+            domain: String::new(),
+            inputs: vec![x.into(), sizes.into()],
+            outputs: outs.clone(),
+            attributes: vec![Attribute::int("axis", axis)],
+        });
+        outs
+    }
+
+    /// A node of ONNX Runtime's contrib domain (`MatMulNBits`); `finish` imports the domain.
+    pub fn ms_node(&mut self, op: &str, inputs: &[&str], attributes: Vec<Attribute>) -> String {
+        let out = self.fresh(&op.to_ascii_lowercase());
+        self.push_node(op, MS_DOMAIN, inputs, &out, attributes);
+        out
+    }
+
+    fn push_node(&mut self, op: &str, domain: &str, inputs: &[&str], output: &str, attributes: Vec<Attribute>) {
         let name = self.fresh(&format!("{op}_node"));
         self.graph.nodes.push(NodeProto {
             name,
             op_type: op.into(),
-            domain: String::new(),
+            domain: domain.into(),
             inputs: inputs.iter().map(|s| s.to_string()).collect(),
             outputs: vec![output.into()],
             attributes,
@@ -393,7 +442,12 @@ impl GraphBuilder {
     }
 
     pub fn finish(self) -> ModelProto {
-        ModelProto::new(self.graph)
+        let contrib = self.graph.nodes.iter().any(|n| n.domain == MS_DOMAIN);
+        let mut model = ModelProto::new(self.graph);
+        if contrib {
+            model.opset_import.push((MS_DOMAIN.into(), 1));
+        }
+        model
     }
 }
 

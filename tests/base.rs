@@ -113,3 +113,74 @@ fn the_committed_adapter_assembles_into_a_package_the_engine_runs() {
     assert!(description.split_whitespace().count() >= 3, "{v}");
     assert_eq!(v["windows"], 2);
 }
+
+/// The fp16 (CUDA) and 8/4-bit (CPU) exports of the first two layers, run through the engine's
+/// own step on the CPU: a prompt, then two more tokens from the returned cache. Each stays
+/// close to candle's fp32 logits (cosine, and the same top token), and the quantized graphs
+/// are the smaller files they are meant to be.
+#[test]
+fn the_fp16_and_quantized_exports_stay_close_to_fp32() {
+    use prefstream::engine::session::{Cache, DecoderSession, StepInput};
+    use prefstream::train::export::{export_llama_as, Precision};
+
+    let mut base = base();
+    base.truncate(2);
+    let model = Llama::new(&base, None).unwrap();
+    let weights = model.merged_weights().unwrap();
+    let dev = Device::Cpu;
+    let rows = [vec![1u32, 9690, 198, 2683, 314, 253, 504, 3458], vec![504u32, 3458, 314, 1345, 9690, 198, 2683, 28]];
+    let (split, total) = (6, rows[0].len());
+    let ids =
+        |a: usize, b: usize| Tensor::new(rows.iter().map(|r| r[a..b].to_vec()).collect::<Vec<_>>(), &dev).unwrap();
+    let pos = |a: usize, b: usize| Tensor::new(vec![(a as u32..b as u32).collect::<Vec<_>>(); 2], &dev).unwrap();
+    let ones = |n: usize| Tensor::new(vec![vec![1u32; n]; 2], &dev).unwrap();
+    let (_, past) =
+        model.forward(&ids(0, split), &ones(split), &pos(0, split), Some(&model.empty_past(2, &dev).unwrap())).unwrap();
+    let (reference, _) = model.forward(&ids(split, total), &ones(total), &pos(split, total), Some(&past)).unwrap();
+    let reference = reference.narrow(1, total - split - 1, 1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let vocab = base.config.vocab_size;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut sizes = Vec::new();
+    for (prec, min_cosine) in
+        [(Precision::Fp32, 0.99999), (Precision::Fp16, 0.9999), (Precision::Int8, 0.9995), (Precision::Int4, 0.99)]
+    {
+        let path = dir.path().join(format!("{}.onnx", prec.name()));
+        export_llama_as(&base.config, &weights, &path, prec).unwrap();
+        sizes.push(std::fs::metadata(&path).unwrap().len());
+        let mut s = DecoderSession::open(&path, &OrtDevice::Cpu).unwrap_or_else(|e| panic!("{}: {e}", prec.name()));
+        let flat =
+            |a: usize, b: usize| rows.iter().flat_map(|r| r[a..b].iter().map(|&t| i64::from(t))).collect::<Vec<_>>();
+        let positions = |a: usize, b: usize| (0..2).flat_map(|_| a as i64..b as i64).collect::<Vec<_>>();
+        let first =
+            StepInput { batch: 2, ids: &flat(0, split), mask: &vec![1; 2 * split], positions: &positions(0, split) };
+        let spec = s.spec().clone();
+        let out = s.step(&first, Cache::Grow(&s.empty_cache(2).unwrap()), false).unwrap();
+        let next = StepInput {
+            batch: 2,
+            ids: &flat(split, total),
+            mask: &vec![1; 2 * total],
+            positions: &positions(split, total),
+        };
+        let out = s.step(&next, Cache::Grow(&out.presents), true).unwrap();
+        assert_eq!(out.vocab, vocab);
+        for (row, (got, want)) in out.logits.chunks(vocab).zip(reference.chunks(vocab)).enumerate() {
+            let dot: f64 = got.iter().zip(want).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
+            let norm = |v: &[f32]| v.iter().map(|a| f64::from(*a).powi(2)).sum::<f64>().sqrt();
+            let cosine = dot / (norm(got) * norm(want));
+            let top = |v: &[f32]| (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap();
+            eprintln!(
+                "{} row {row}: cosine {cosine:.6}, top {} vs {} (cache {:?})",
+                prec.name(),
+                top(got),
+                top(want),
+                spec.kv_dtype
+            );
+            assert!(cosine >= min_cosine, "{} row {row}: cosine {cosine} < {min_cosine}", prec.name());
+            assert_eq!(top(got), top(want), "{} row {row}: another top token", prec.name());
+        }
+    }
+    // fp32, fp16, int8, int4 (the quantized ones also keep an fp16 table to gather from).
+    let [fp32, fp16, int8, int4] = sizes[..] else { unreachable!() };
+    assert!(fp16 < fp32 && int8 < fp32 && int4 < int8, "sizes {sizes:?}");
+}

@@ -6,6 +6,7 @@ use clap::{Args, Parser, Subcommand};
 use prefstream::train::base::package::{write_package, PackageSpec};
 use prefstream::train::base::{default_gguf, Base};
 use prefstream::train::eval::{markdown, SETTINGS};
+use prefstream::train::export::Precision;
 use prefstream::train::pipeline::{best_policy, Preset, Run};
 use prefstream::train::synth::SynthConfig;
 use std::path::{Path, PathBuf};
@@ -146,6 +147,10 @@ enum Cmd {
         /// Generation budget written in the manifest.
         #[arg(long, env = "PREFSTREAM_MAX_NEW_TOKENS", default_value_t = 320)]
         max_new_tokens: usize,
+        /// Weights and compute of model.onnx: fp32 (reference), fp16 (CUDA), int8 or int4
+        /// (block-quantized projections through ONNX Runtime's MatMulNBits, for CPU serving).
+        #[arg(long, env = "PREFSTREAM_PRECISION", value_enum, default_value_t = Precision::Fp32)]
+        precision: Precision,
     },
     /// The whole chain from the seed.
     All {
@@ -237,8 +242,9 @@ fn main() -> Result<()> {
             let rows = run.base_eval_step(&preset()?, &base.path(), &SETTINGS, *zero_shot, *greedy)?;
             println!("{}", markdown(&rows))
         }
-        Cmd::Package { base, adapter, out, layers, max_new_tokens } => {
-            package(&base.clone().unwrap_or_else(default_gguf), adapter.as_deref(), out, *layers, *max_new_tokens)?;
+        Cmd::Package { base, adapter, out, layers, max_new_tokens, precision } => {
+            let base = base.clone().unwrap_or_else(default_gguf);
+            package(&base, adapter.as_deref(), out, *layers, *max_new_tokens, *precision)?;
         }
         Cmd::All { synth, install, studies, base } => {
             let p = preset()?;
@@ -255,7 +261,7 @@ fn main() -> Result<()> {
                 let rows = run.base_eval_step(&p, &path, &SETTINGS, false, false)?;
                 println!("{}", markdown(&rows));
                 let out = cli.run.join("base_package");
-                package(&path, Some(&adapter), &out, 0, p.base.max_new_tokens)?;
+                package(&path, Some(&adapter), &out, 0, p.base.max_new_tokens, Precision::Fp32)?;
                 if let Some(dest) = install {
                     install_package(&out, dest, &["model.onnx", "tokenizer.json", "manifest.json"])?;
                 }
@@ -280,13 +286,20 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-fn package(base: &Path, adapter: Option<&Path>, out: &Path, layers: usize, max_new_tokens: usize) -> Result<()> {
+fn package(
+    base: &Path,
+    adapter: Option<&Path>,
+    out: &Path,
+    layers: usize,
+    max_new_tokens: usize,
+    precision: Precision,
+) -> Result<()> {
     let mut b = Base::load(base)?;
     if layers > 0 {
         b.truncate(layers);
     }
     let version = format!("0.1.0+{}", if adapter.is_some() { "adapter" } else { "base" });
-    let spec = PackageSpec { name: "prefstream-alignx-smollm2", version: &version, adapter, max_new_tokens };
+    let spec = PackageSpec { name: "prefstream-alignx-smollm2", version: &version, adapter, max_new_tokens, precision };
     let manifest = write_package(&b, &spec, out)?;
     tracing::info!(manifest = %manifest.display(), "package written");
     Ok(())

@@ -11,9 +11,12 @@ use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Tensor};
 
 use crate::onnx::{Attribute, DataType, Dim, GraphBuilder};
-use crate::train::base::{layer_name, LlamaConfig, EMBED, FINAL_NORM, LM_HEAD};
 use crate::train::judge::JudgeConfig;
 use crate::train::model::{rotary_inv_freq_with, GptConfig, LN_EPS, MASK_VALUE, ROPE_THETA};
+
+mod llama;
+
+pub use llama::{export_llama, export_llama_as, quantize_blocks, Precision};
 
 const FLOAT: i64 = DataType::Float as i64;
 
@@ -35,11 +38,14 @@ impl BlockDims {
 struct Emitter<'w> {
     g: GraphBuilder,
     weights: &'w HashMap<String, Tensor>,
+    /// Element type of the caches (and of the activations of an fp16 Llama export).
+    act: DataType,
+    prec: Precision,
 }
 
 impl<'w> Emitter<'w> {
     fn new(name: &str, weights: &'w HashMap<String, Tensor>) -> Self {
-        Self { g: GraphBuilder::new(name), weights }
+        Self { g: GraphBuilder::new(name), weights, act: DataType::Float, prec: Precision::Fp32 }
     }
 
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<&'w Tensor> {
@@ -191,8 +197,8 @@ impl<'w> Emitter<'w> {
         let pasts = (0..layers)
             .map(|i| {
                 (
-                    self.g.input(&format!("past_key_values.{i}.key"), DataType::Float, past_shape.clone()),
-                    self.g.input(&format!("past_key_values.{i}.value"), DataType::Float, past_shape.clone()),
+                    self.g.input(&format!("past_key_values.{i}.key"), self.act, past_shape.clone()),
+                    self.g.input(&format!("past_key_values.{i}.value"), self.act, past_shape.clone()),
                 )
             })
             .collect();
@@ -205,88 +211,8 @@ impl<'w> Emitter<'w> {
         for (value, kind) in [(k, "key"), (v, "value")] {
             let name = format!("present.{i}.{kind}");
             self.g.node_to("Identity", &[&value], &name, vec![]);
-            self.g.output(&name, DataType::Float, shape.to_vec());
+            self.g.output(&name, self.act, shape.to_vec());
         }
-    }
-
-    /// `x / sqrt(mean(x²) + ε) · w`, as `base::llama::rms_norm`.
-    fn rms_norm(&mut self, x: &str, weight: &str, d: usize, eps: f32) -> Result<String> {
-        let w = self.param(weight, &[d])?;
-        let sq = self.g.node("Mul", &[x, x], vec![]);
-        let ms = self.g.node("ReduceMean", &[&sq], vec![Attribute::ints("axes", &[-1]), Attribute::int("keepdims", 1)]);
-        let eps = self.g.scalar_f32(eps);
-        let ms = self.g.node("Add", &[&ms, &eps], vec![]);
-        let rms = self.g.node("Sqrt", &[&ms], vec![]);
-        let y = self.g.node("Div", &[x, &rms], vec![]);
-        Ok(self.g.node("Mul", &[&y, &w], vec![]))
-    }
-
-    /// One Llama block (`base::llama::Llama::hidden`'s loop body). Returns (x, k, v).
-    #[allow(clippy::too_many_arguments)]
-    fn llama_block(
-        &mut self,
-        x: &str,
-        i: usize,
-        c: &LlamaConfig,
-        (keep, bias): (&str, &str),
-        (pk, pv): (&str, &str),
-        rope: (&str, &str),
-    ) -> Result<(String, String, String)> {
-        let (d, f) = (c.hidden_size, c.intermediate_size);
-        let (h, kvh, hd) = (c.num_attention_heads as i64, c.num_key_value_heads as i64, c.head_dim());
-        let kv = c.num_key_value_heads * hd;
-        let to_heads = vec![Attribute::ints("perm", &[0, 2, 1, 3])];
-        let proj = |e: &mut Self, x: &str, what: &str, din: usize, dout: usize| {
-            e.linear(x, layer_name(i, what).trim_end_matches(".weight"), din, dout, false)
-        };
-        let hn = self.rms_norm(x, &layer_name(i, "input_layernorm"), d, c.rms_norm_eps)?;
-        let heads = |e: &mut Self, y: String, n: i64| {
-            let shape = e.g.const_i64(&[0, 0, n, hd as i64]);
-            let y = e.g.node("Reshape", &[&y, &shape], vec![]);
-            e.g.node("Transpose", &[&y], to_heads.clone())
-        };
-        let q = proj(self, &hn, "self_attn.q_proj", d, d)?;
-        let q = heads(self, q, h);
-        let q = self.rotate(&q, hd, rope);
-        let k = proj(self, &hn, "self_attn.k_proj", d, kv)?;
-        let k = heads(self, k, kvh);
-        let k = self.rotate(&k, hd, rope);
-        let v = proj(self, &hn, "self_attn.v_proj", d, kv)?;
-        let v = heads(self, v, kvh);
-        let k = self.g.node("Concat", &[pk, &k], vec![Attribute::int("axis", 2)]);
-        let v = self.g.node("Concat", &[pv, &v], vec![Attribute::int("axis", 2)]);
-        // Grouped-query attention as in candle: the g query heads of a kv head become rows.
-        let grouped = self.g.const_i64(&[0, kvh, -1, hd as i64]);
-        let qg = self.g.node("Reshape", &[&q, &grouped], vec![]);
-        let kt = self.g.node("Transpose", &[&k], vec![Attribute::ints("perm", &[0, 1, 3, 2])]);
-        let scores = self.g.node("MatMul", &[&qg, &kt], vec![]);
-        let per_head = self.g.const_i64(&[0, h, -1, 0]);
-        let scores = self.g.node("Reshape", &[&scores, &per_head], vec![]);
-        let scale = self.g.scalar_f32((1.0 / (hd as f64).sqrt()) as f32);
-        let scores = self.g.node("Mul", &[&scores, &scale], vec![]);
-        let scores = self.g.node("Mul", &[&scores, keep], vec![]);
-        let scores = self.g.node("Add", &[&scores, bias], vec![]);
-        let p = self.g.node("Softmax", &[&scores], vec![Attribute::int("axis", -1)]);
-        let per_group = self.g.const_i64(&[0, kvh, -1, 0]);
-        let p = self.g.node("Reshape", &[&p, &per_group], vec![]);
-        let a = self.g.node("MatMul", &[&p, &v], vec![]);
-        let per_head = self.g.const_i64(&[0, h, -1, hd as i64]);
-        let a = self.g.node("Reshape", &[&a, &per_head], vec![]);
-        let a = self.g.node("Transpose", &[&a], to_heads);
-        let model_shape = self.g.const_i64(&[0, 0, d as i64]);
-        let a = self.g.node("Reshape", &[&a, &model_shape], vec![]);
-        let o = proj(self, &a, "self_attn.o_proj", d, d)?;
-        let x = self.g.node("Add", &[x, &o], vec![]);
-
-        let hn = self.rms_norm(&x, &layer_name(i, "post_attention_layernorm"), d, c.rms_norm_eps)?;
-        let gate = proj(self, &hn, "mlp.gate_proj", d, f)?;
-        let sig = self.g.node("Sigmoid", &[&gate], vec![]);
-        let gate = self.g.node("Mul", &[&gate, &sig], vec![]);
-        let up = proj(self, &hn, "mlp.up_proj", d, f)?;
-        let m = self.g.node("Mul", &[&gate, &up], vec![]);
-        let down = proj(self, &m, "mlp.down_proj", f, d)?;
-        let x = self.g.node("Add", &[&x, &down], vec![]);
-        Ok((x, k, v))
     }
 
     /// One pre-LN block (shared by policy and judge). `keep`/`bias` are `[b,1,s|1,total]`;
@@ -387,37 +313,6 @@ struct DecoderIo {
     pos: String,
     pasts: Vec<(String, String)>,
     present_shape: Vec<Dim>,
-}
-
-/// Writes a Llama-family decoder (`base::llama::Llama`, adapters merged) in the Optimum
-/// convention, caches with `num_key_value_heads` heads. The LM head reads the embedding
-/// through `Gemm(transB)` when tied, so the 49k × d table is stored once.
-pub fn export_llama(cfg: &LlamaConfig, weights: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    cfg.check()?;
-    let (d, hd) = (cfg.hidden_size, cfg.head_dim());
-    let mut e = Emitter::new("prefstream_llama", weights);
-    let io = e.decoder_inputs(cfg.num_hidden_layers, cfg.num_key_value_heads, hd);
-    let (keep, bias) = e.causal_mask(&io.ids, &io.mask);
-    let embed = e.param(EMBED, &[cfg.vocab_size, d])?;
-    let mut x = e.embed(&embed, &io.ids);
-    let (cos, sin) = e.rotary_tables(&io.pos, hd, cfg.rope_theta);
-    for (i, (pk, pv)) in io.pasts.iter().enumerate() {
-        let (y, k, v) = e.llama_block(&x, i, cfg, (&keep, &bias), (pk, pv), (&cos, &sin))?;
-        x = y;
-        e.presents(i, k, v, &io.present_shape);
-    }
-    let x = e.rms_norm(&x, FINAL_NORM, d, cfg.rms_norm_eps)?;
-    let head = if cfg.tie_word_embeddings { embed } else { e.param(LM_HEAD, &[cfg.vocab_size, d])? };
-    let rows = e.g.const_i64(&[-1, d as i64]);
-    let flat = e.g.node("Reshape", &[&x, &rows], vec![]);
-    let logits = e.g.node("Gemm", &[&flat, &head], vec![Attribute::int("transB", 1)]);
-    let ids_shape = e.g.node("Shape", &[&io.ids], vec![]);
-    let vocab = e.g.const_i64(&[cfg.vocab_size as i64]);
-    let shape = e.g.node("Concat", &[&ids_shape, &vocab], vec![Attribute::int("axis", 0)]);
-    e.g.node_to("Reshape", &[&logits, &shape], "logits", vec![]);
-    let logits_shape = vec!["batch_size".into(), "sequence_length".into(), Dim::from(cfg.vocab_size)];
-    e.g.output("logits", DataType::Float, logits_shape);
-    write(e, path)
 }
 
 /// Writes the judge: description encoder + bilinear score against each response's mean embedding.

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::llama::{Llama, LoraConfig};
 use super::{sha256_file, Base};
 use crate::tokenizer::{SpecialTokens, TextTokenizer};
-use crate::train::export::export_llama;
+use crate::train::export::{export_llama_as, Precision};
 
 /// The template the pretrained-base packages are built for (see `prompt`).
 pub const CHATML_TEMPLATE: &str = "alignx-stream-chatml-v1";
@@ -86,6 +86,7 @@ pub struct PackageSpec<'a> {
     /// `adapter.safetensors`; its `adapter.json` sits beside it.
     pub adapter: Option<&'a Path>,
     pub max_new_tokens: usize,
+    pub precision: Precision,
 }
 
 /// Writes `model.onnx`, `tokenizer.json` and `manifest.json` into `out`.
@@ -102,12 +103,13 @@ pub fn write_package(base: &Base, spec: &PackageSpec, out: &Path) -> Result<Path
         }
     };
     base_tokenizer(base)?;
-    export_llama(&base.config, &model.merged_weights()?, &out.join("model.onnx"))?;
+    export_llama_as(&base.config, &model.merged_weights()?, &out.join("model.onnx"), spec.precision)?;
     std::fs::write(out.join("tokenizer.json"), &base.tokenizer_json)?;
     let manifest = serde_json::json!({
         "name": spec.name,
         "version": spec.version,
         "template": CHATML_TEMPLATE,
+        "precision": spec.precision,
         "model": "model.onnx",
         "tokenizer": "tokenizer.json",
         "special_tokens": {
@@ -160,7 +162,7 @@ mod tests {
     }
 
     fn spec(adapter: Option<&Path>) -> PackageSpec<'_> {
-        PackageSpec { name: "t", version: "0", adapter, max_new_tokens: 8 }
+        PackageSpec { name: "t", version: "0", adapter, max_new_tokens: 8, precision: Precision::Fp32 }
     }
 
     #[test]
