@@ -181,6 +181,31 @@ impl PipelineArgs {
     }
 }
 
+/// TLS for a `rediss://` Redis URL (refused with a `redis://` one).
+#[derive(Args, Debug, Clone, Default)]
+pub struct RedisTlsArgs {
+    /// PEM CA bundle that signed the Redis server's certificate (`rediss://`); default: the
+    /// system's roots.
+    #[arg(long, env = "PREFSTREAM_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+    /// PEM client certificate, for a server that requires one (`tls-auth-clients yes`).
+    #[arg(long, env = "PREFSTREAM_REDIS_CLIENT_CERT", requires = "redis_client_key")]
+    pub redis_client_cert: Option<PathBuf>,
+    /// PEM private key of --redis-client-cert.
+    #[arg(long, env = "PREFSTREAM_REDIS_CLIENT_KEY", requires = "redis_client_cert")]
+    pub redis_client_key: Option<PathBuf>,
+}
+
+impl RedisTlsArgs {
+    pub fn tls(&self) -> crate::state::redis::RedisTls {
+        crate::state::redis::RedisTls {
+            ca_file: self.redis_ca_file.clone(),
+            client_cert: self.redis_client_cert.clone(),
+            client_key: self.redis_client_key.clone(),
+        }
+    }
+}
+
 /// What `run`, `replay` and `check` all need: Kafka, Redis, the model and the pipeline.
 #[derive(Args, Debug, Clone)]
 pub struct ServiceArgs {
@@ -190,6 +215,8 @@ pub struct ServiceArgs {
     /// with AOF (`appendonly yes`) so that a restart keeps accepted events.
     #[arg(long, env = "PREFSTREAM_REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
     pub redis_url: String,
+    #[command(flatten)]
+    pub redis_tls: RedisTlsArgs,
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]

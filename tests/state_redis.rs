@@ -178,3 +178,122 @@ async fn scripts_survive_script_flush() {
     let () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut c).await.unwrap();
     assert_eq!(store.take_partial(u, 4).await.unwrap(), None);
 }
+
+/// Certificates made here with openssl: a CA, a server certificate it signed for 127.0.0.1, a
+/// client certificate it signed, and an unrelated CA.
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ssl = |args: &[&str]| {
+            let out = std::process::Command::new("openssl").args(args).current_dir(dir.path()).output().unwrap();
+            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        for ca in ["ca", "other-ca"] {
+            let (key, cert, subj) = (format!("{ca}.key"), format!("{ca}.pem"), format!("/CN=prefstream test {ca}"));
+            ssl(&[&["req", "-x509"], &ec[..], &["-keyout", &key, "-out", &cert, "-days", "2", "-subj", &subj]].concat());
+        }
+        std::fs::write(dir.path().join("server.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
+        std::fs::write(dir.path().join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+        for who in ["server", "client"] {
+            let (key, csr, cert, ext) =
+                (format!("{who}.key"), format!("{who}.csr"), format!("{who}.pem"), format!("{who}.ext"));
+            ssl(&[&["req"], &ec[..], &["-keyout", &key, "-out", &csr, "-subj", &format!("/CN={who}")]].concat());
+            ssl(&[
+                "x509", "-req", "-in", &csr, "-CA", "ca.pem", "-CAkey", "ca.key", "-out", &cert, "-days", "2",
+                "-extfile", &ext,
+            ]);
+        }
+        Self { dir }
+    }
+
+    fn path(&self, file: &str) -> std::path::PathBuf {
+        self.dir.path().join(file)
+    }
+}
+
+/// A TLS-only redis-server (no plain port), killed on drop.
+struct TlsRedis(std::process::Child, u16);
+
+impl TlsRedis {
+    fn start(pki: &Pki, auth_clients: &str) -> Self {
+        let port = common::free_port();
+        let p = |f: &str| pki.path(f).display().to_string();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "no", "--tls-auth-clients", auth_clients])
+            .args([
+                "--tls-cert-file",
+                &p("server.pem"),
+                "--tls-key-file",
+                &p("server.key"),
+                "--tls-ca-cert-file",
+                &p("ca.pem"),
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/redis.sh installs it)");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "redis-server did not listen on {port}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Self(child, port)
+    }
+
+    fn url(&self) -> String {
+        format!("rediss://127.0.0.1:{}/", self.1)
+    }
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `rediss://` (issue 28 item 2): the store works through TLS with the CA that signed the
+/// server; a wrong CA, a plain URL with TLS files, and a missing client certificate where the
+/// server requires one are each refused with an error that names the flag to fix.
+#[tokio::test]
+async fn rediss_with_the_right_ca_and_client_certificates_and_clear_refusals() {
+    use prefstream::state::redis::RedisTls;
+    let pki = Pki::new();
+    let tls = |ca: &str, client: bool| RedisTls {
+        ca_file: Some(pki.path(ca)),
+        client_cert: client.then(|| pki.path("client.pem")),
+        client_key: client.then(|| pki.path("client.key")),
+    };
+
+    let server = TlsRedis::start(&pki, "no");
+    let store = RedisStore::connect_with(&server.url(), &tls("ca.pem", false)).await.unwrap_or_else(|e| panic!("{e}"));
+    conformance::run_all(&store).await;
+
+    let Err(err) = RedisStore::connect_with(&server.url(), &tls("other-ca.pem", false)).await else {
+        panic!("a wrong CA is refused")
+    };
+    let text = err.to_string();
+    assert!(text.contains("--redis-ca-file") && text.contains("TLS handshake"), "{text}");
+    let plain = server.url().replacen("rediss", "redis", 1);
+    let Err(err) = RedisStore::connect_with(&plain, &tls("ca.pem", false)).await else {
+        panic!("TLS files with redis://")
+    };
+    assert!(err.to_string().contains("not rediss://"), "{err}");
+    drop(server);
+
+    let mutual = TlsRedis::start(&pki, "yes");
+    let store = RedisStore::connect_with(&mutual.url(), &tls("ca.pem", true)).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(store.pending_len("nobody").await.unwrap(), 0);
+    // TLS 1.3 may report the missing certificate only at the first reply.
+    let refused = match RedisStore::connect_with(&mutual.url(), &tls("ca.pem", false)).await {
+        Err(e) => e.to_string(),
+        Ok(store) => store.pending_len("nobody").await.err().map(|e| e.to_string()).unwrap_or_default(),
+    };
+    assert!(!refused.is_empty(), "a server that requires a client certificate refuses a client without one");
+    eprintln!("without a client certificate: {refused}");
+}

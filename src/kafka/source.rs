@@ -9,7 +9,7 @@
 //! rebalances are served) and resumed once records flow again.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -53,6 +53,8 @@ struct Shared {
     health: Arc<Health>,
     drain_timeout: Duration,
     recover: mpsc::UnboundedSender<()>,
+    /// Whether the loop holds the assignment paused; a new assignment is set to match.
+    paused: AtomicBool,
 }
 
 struct SourceContext(Arc<Shared>);
@@ -105,6 +107,13 @@ impl ConsumerContext for SourceContext {
         if let Rebalance::Assign(tpl) = rebalance {
             let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
             tracing::info!(partitions = ?parts, "partitions assigned");
+            // librdkafka keeps a partition's pause flag across a revoke and a new assignment,
+            // while the loop may have resumed in between (with nothing assigned): set the new
+            // partitions to the loop's state, or one could stay paused for good.
+            let set = if s.paused.load(Ordering::Relaxed) { consumer.pause(tpl) } else { consumer.resume(tpl) };
+            if let Err(e) = set {
+                tracing::warn!(error = %e, "cannot set the pause state of assigned partitions");
+            }
             s.health.kafka.store(true, Ordering::Relaxed);
             // A member may have left claimed windows behind: look for them.
             let _ = s.recover.send(());
@@ -180,6 +189,7 @@ pub fn spawn_source(
         health,
         drain_timeout: cfg.drain_timeout,
         recover,
+        paused: AtomicBool::new(false),
     });
     let consumer: BaseConsumer<SourceContext> = config.create_with_context(SourceContext(shared.clone()))?;
     consumer.subscribe(&[&cfg.topic])?;
@@ -199,8 +209,8 @@ fn poll_loop(
 ) {
     let mut last_commit = Instant::now();
     let mut blocked_since: Option<Instant> = None;
-    let mut paused = false;
     while !*shutdown.borrow() {
+        let paused = s.paused.load(Ordering::Relaxed);
         // Hand held records to the pipeline while it has room.
         let mut closed = false;
         {
@@ -230,6 +240,11 @@ fn poll_loop(
                     }
                 }
             }
+            // Nothing left to hand over (a revoke drops held records too): not blocked, so a
+            // pause ends. Without this a revoke during a pause left the consumer paused for good.
+            if held.is_empty() {
+                blocked_since = None;
+            }
         }
         if closed {
             tracing::error!("the pipeline stopped taking records; stopping the consumer");
@@ -237,10 +252,11 @@ fn poll_loop(
         }
         let blocked = blocked_since.is_some();
         if blocked && !paused && blocked_since.is_some_and(|t| t.elapsed() >= cfg.pause_after) {
-            paused = set_paused(&consumer, &s, true);
+            set_paused(&consumer, &s, true);
         } else if !blocked && paused {
-            paused = !set_paused(&consumer, &s, false);
+            set_paused(&consumer, &s, false);
         }
+        let paused = s.paused.load(Ordering::Relaxed);
         if blocked && !paused {
             // Wait for room; polling now would only pile up more held records.
             std::thread::sleep(Duration::from_millis(1));
@@ -288,11 +304,12 @@ fn poll_loop(
     drop(consumer); // closes: leaves the group (the revoke callback commits again)
 }
 
-/// Pauses or resumes every assigned partition; returns whether it succeeded.
-fn set_paused(consumer: &BaseConsumer<SourceContext>, s: &Shared, pause: bool) -> bool {
+/// Pauses or resumes every assigned partition; on success records the state in `s.paused`.
+fn set_paused(consumer: &BaseConsumer<SourceContext>, s: &Shared, pause: bool) {
     let result = consumer.assignment().and_then(|a| if pause { consumer.pause(&a) } else { consumer.resume(&a) });
     match result {
         Ok(()) => {
+            s.paused.store(pause, Ordering::Relaxed);
             s.metrics.consumer_paused.set(pause as i64);
             if pause {
                 s.metrics.pauses.inc();
@@ -300,11 +317,7 @@ fn set_paused(consumer: &BaseConsumer<SourceContext>, s: &Shared, pause: bool) -
             } else {
                 tracing::info!("backpressure over: partitions resumed");
             }
-            true
         }
-        Err(e) => {
-            tracing::warn!(error = %e, pause, "cannot pause/resume partitions");
-            false
-        }
+        Err(e) => tracing::warn!(error = %e, pause, "cannot pause/resume partitions"),
     }
 }

@@ -10,10 +10,11 @@ use super::{
 use crate::event::Event;
 use crate::window::Window;
 use ::redis::aio::ConnectionManager;
-use ::redis::{Client, Cmd, FromRedisValue, RedisError, RedisResult, Script};
+use ::redis::{Client, ClientTlsConfig, Cmd, FromRedisValue, RedisError, RedisResult, Script, TlsCertificates};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 /// Helpers shared by the claiming scripts; Redis scripts cannot import each other.
@@ -85,11 +86,94 @@ struct StoredParked {
     events: Vec<Event>,
 }
 
+/// TLS files for a `rediss://` URL (PEM); none: verify the server against the system's roots.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RedisTls {
+    /// CA bundle that signed the server's certificate.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key, for servers that require them (`tls-auth-clients yes`).
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+}
+
+impl RedisTls {
+    fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
+
+    fn certificates(&self) -> Result<TlsCertificates, StateError> {
+        let read = |path: &PathBuf, what: &str| {
+            std::fs::read(path)
+                .map_err(|e| StateError::Invalid(format!("reading the Redis {what} {}: {e}", path.display())))
+        };
+        let client_tls = match (&self.client_cert, &self.client_key) {
+            (Some(cert), Some(key)) => Some(ClientTlsConfig {
+                client_cert: read(cert, "client certificate (--redis-client-cert)")?,
+                client_key: read(key, "client key (--redis-client-key)")?,
+            }),
+            (None, None) => None,
+            _ => return Err(StateError::Invalid("--redis-client-cert and --redis-client-key go together".into())),
+        };
+        let root_cert = self.ca_file.as_ref().map(|f| read(f, "CA file (--redis-ca-file)")).transpose()?;
+        Ok(TlsCertificates { client_tls, root_cert })
+    }
+}
+
+/// The client for `url`: plain, or TLS for `rediss://` (rustls, with `tls`'s files).
+fn client(url: &str, tls: &RedisTls) -> Result<Client, StateError> {
+    let secure = url.starts_with("rediss://");
+    if !secure && !tls.is_empty() {
+        return Err(StateError::Invalid(format!(
+            "TLS files were given but the Redis URL {} is not rediss://: use rediss://host:port/",
+            redact(url)
+        )));
+    }
+    if !secure {
+        return Ok(Client::open(url)?);
+    }
+    // rustls needs a process-wide crypto provider; a second install is a no-op error.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    if tls.is_empty() {
+        return Ok(Client::open(url)?);
+    }
+    Ok(Client::build_with_tls(url, tls.certificates()?)?)
+}
+
+/// `url` without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}://…@{}", &url[..scheme], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+/// A TLS failure on a `rediss://` URL, with the flag that fixes it.
+fn tls_hint(url: &str, e: ::redis::RedisError) -> StateError {
+    let text = e.to_string();
+    let tls =
+        text.contains("certificate") || text.contains("TLS") || text.contains("tls") || text.contains("handshake");
+    if url.starts_with("rediss://") && tls {
+        StateError::Invalid(format!(
+            "TLS handshake with Redis at {} failed: {text} (check --redis-ca-file / PREFSTREAM_REDIS_CA_FILE for the CA \
+             that signed the server's certificate, and --redis-client-cert/--redis-client-key if the server requires them)",
+            redact(url)
+        ))
+    } else {
+        e.into()
+    }
+}
+
 impl RedisStore {
     /// Connect (e.g. `redis://127.0.0.1:6379/`); fails if the server is unreachable.
     pub async fn connect(url: &str) -> Result<Self, StateError> {
-        let client = Client::open(url)?;
-        let conn = ConnectionManager::new(client).await?;
+        Self::connect_with(url, &RedisTls::default()).await
+    }
+
+    /// Connect with TLS files for a `rediss://` URL. A failed handshake (wrong CA, a missing
+    /// client certificate) is an error that names the flag to fix.
+    pub async fn connect_with(url: &str, tls: &RedisTls) -> Result<Self, StateError> {
+        let client = client(url, tls)?;
+        let conn = ConnectionManager::new(client).await.map_err(|e| tls_hint(url, e))?;
         Ok(Self {
             conn,
             scripts: Arc::new(Scripts {
