@@ -279,6 +279,7 @@ async fn rediss_with_the_right_ca_and_client_certificates_and_clear_refusals() {
     };
     let text = err.to_string();
     assert!(text.contains("--redis-ca-file") && text.contains("TLS handshake"), "{text}");
+    eprintln!("with another CA: {text}");
     let plain = server.url().replacen("rediss", "redis", 1);
     let Err(err) = RedisStore::connect_with(&plain, &tls("ca.pem", false)).await else {
         panic!("TLS files with redis://")

@@ -96,6 +96,9 @@ pub enum StateError {
     Corrupt { user: String, detail: String },
     #[error("invalid argument: {0}")]
     Invalid(String),
+    /// The connection's set-up is wrong (TLS files, a URL that does not match them).
+    #[error("{0}")]
+    Setup(String),
 }
 
 /// The state store. All operations on one user are atomic; a window is claimed by exactly one

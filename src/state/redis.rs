@@ -104,7 +104,7 @@ impl RedisTls {
     fn certificates(&self) -> Result<TlsCertificates, StateError> {
         let read = |path: &PathBuf, what: &str| {
             std::fs::read(path)
-                .map_err(|e| StateError::Invalid(format!("reading the Redis {what} {}: {e}", path.display())))
+                .map_err(|e| StateError::Setup(format!("reading the Redis {what} {}: {e}", path.display())))
         };
         let client_tls = match (&self.client_cert, &self.client_key) {
             (Some(cert), Some(key)) => Some(ClientTlsConfig {
@@ -112,7 +112,7 @@ impl RedisTls {
                 client_key: read(key, "client key (--redis-client-key)")?,
             }),
             (None, None) => None,
-            _ => return Err(StateError::Invalid("--redis-client-cert and --redis-client-key go together".into())),
+            _ => return Err(StateError::Setup("--redis-client-cert and --redis-client-key go together".into())),
         };
         let root_cert = self.ca_file.as_ref().map(|f| read(f, "CA file (--redis-ca-file)")).transpose()?;
         Ok(TlsCertificates { client_tls, root_cert })
@@ -123,7 +123,7 @@ impl RedisTls {
 fn client(url: &str, tls: &RedisTls) -> Result<Client, StateError> {
     let secure = url.starts_with("rediss://");
     if !secure && !tls.is_empty() {
-        return Err(StateError::Invalid(format!(
+        return Err(StateError::Setup(format!(
             "TLS files were given but the Redis URL {} is not rediss://: use rediss://host:port/",
             redact(url)
         )));
@@ -153,7 +153,7 @@ fn tls_hint(url: &str, e: ::redis::RedisError) -> StateError {
     let tls =
         text.contains("certificate") || text.contains("TLS") || text.contains("tls") || text.contains("handshake");
     if url.starts_with("rediss://") && tls {
-        StateError::Invalid(format!(
+        StateError::Setup(format!(
             "TLS handshake with Redis at {} failed: {text} (check --redis-ca-file / PREFSTREAM_REDIS_CA_FILE for the CA \
              that signed the server's certificate, and --redis-client-cert/--redis-client-key if the server requires them)",
             redact(url)
