@@ -21,3 +21,9 @@ promtool check config deploy/prometheus/prometheus.yml
 
 # Benches are built above but not run: they are measurements, not tests.
 cargo test --release --lib --bins --tests -- --test-threads 2
+
+# libFuzzer on the parsers of outside bytes, a minute per target (FUZZ_SECONDS; 0 skips).
+# The first run installs cargo-fuzz and builds the instrumented crate (~15 min), then reuses it.
+if [ "${FUZZ_SECONDS:-60}" != 0 ]; then
+  ./scripts/fuzz.sh
+fi

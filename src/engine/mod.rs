@@ -63,10 +63,18 @@ pub struct Manifest {
 
 impl Manifest {
     pub fn load(dir: &Path) -> Result<Self> {
-        let bad = |message: String| EngineError::Package { dir: dir.to_path_buf(), message };
         let path = dir.join("manifest.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?;
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("manifest.json: {e}")))?;
+        let text = std::fs::read_to_string(&path).map_err(|e| EngineError::Package {
+            dir: dir.to_path_buf(),
+            message: format!("cannot read {}: {e}", path.display()),
+        })?;
+        Self::parse(dir, &text)
+    }
+
+    /// The manifest from its text (pure: what `load` reads, and what the fuzzer feeds).
+    pub fn parse(dir: &Path, text: &str) -> Result<Self> {
+        let bad = |message: String| EngineError::Package { dir: dir.to_path_buf(), message };
+        let v: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(format!("manifest.json: {e}")))?;
         let string =
             |key: &str| v[key].as_str().map(str::to_string).ok_or_else(|| bad(format!("manifest lacks `{key}`")));
         // A model is trained for exactly one prompt template: refuse an unknown one up front.

@@ -399,7 +399,8 @@ fn corrupt(user: &str, detail: impl Into<String>) -> StateError {
     StateError::Corrupt { user: user.to_string(), detail: detail.into() }
 }
 
-fn window_from(user: &str, body: &str) -> Result<(u64, Window), StateError> {
+/// A window as stored in Redis (`{seq, events}` JSON) read back; anything else is `Corrupt`.
+pub fn window_from(user: &str, body: &str) -> Result<(u64, Window), StateError> {
     let s: StoredWindow = serde_json::from_str(body).map_err(|e| corrupt(user, format!("stored window: {e}")))?;
     Ok((s.seq, Window::new(user, s.events)))
 }

@@ -101,8 +101,8 @@ pub fn export_llama(cfg: &LlamaConfig, weights: &HashMap<String, Tensor>, path: 
     export_llama_as(cfg, weights, path, Precision::Fp32)
 }
 
-/// Writes a Llama-family decoder in the Optimum convention, caches with `num_key_value_heads`
-/// heads. The LM head reads the embedding through `Gemm(transB)` when tied, so the 49k × d
+/// Writes a Llama-family decoder in the Optimum convention (logits of the last position only),
+/// caches with `num_key_value_heads` heads. The LM head reads the embedding through `Gemm(transB)` when tied, so the 49k × d
 /// table is stored once (twice when quantized: fp16 rows to gather, 4/8-bit blocks to multiply).
 pub fn export_llama_as(
     cfg: &LlamaConfig,
@@ -129,6 +129,11 @@ pub fn export_llama_as(
         x = y;
         e.presents(i, k, v, &io.present_shape);
     }
+    // Logits of the last position only, `[b, 1, vocab]`: generation reads no other, and a
+    // prefill of 16 × 310 tokens would otherwise write 975 MB of fp32 logits and spend an LM-head
+    // product on every prompt token. (The engine reads the last position of any `[b, s, vocab]`.)
+    let (last, end, axis) = (e.g.const_i64(&[-1]), e.g.const_i64(&[i64::MAX]), e.g.const_i64(&[1]));
+    let x = e.g.node("Slice", &[&x, &last, &end, &axis], vec![]);
     let x = e.rms_norm(&x, FINAL_NORM, d, cfg.rms_norm_eps)?;
     let head_name = if cfg.tie_word_embeddings { EMBED } else { LM_HEAD };
     let logits = match prec {
@@ -144,9 +149,7 @@ pub fn export_llama_as(
             let rows = e.g.const_i64(&[-1, d as i64]);
             let flat = e.g.node("Reshape", &[&x, &rows], vec![]);
             let logits = e.g.node("Gemm", &[&flat, &head], vec![Attribute::int("transB", 1)]);
-            let ids_shape = e.g.node("Shape", &[&io.ids], vec![]);
-            let vocab = e.g.const_i64(&[cfg.vocab_size as i64]);
-            let shape = e.g.node("Concat", &[&ids_shape, &vocab], vec![Attribute::int("axis", 0)]);
+            let shape = e.g.const_i64(&[-1, 1, cfg.vocab_size as i64]);
             e.g.node("Reshape", &[&logits, &shape], vec![])
         }
         Precision::Int8 | Precision::Int4 => {
@@ -155,7 +158,7 @@ pub fn export_llama_as(
         }
     };
     e.g.node_to("Identity", &[&logits], "logits", vec![]);
-    let logits_shape = vec!["batch_size".into(), "sequence_length".into(), Dim::from(cfg.vocab_size)];
+    let logits_shape = vec!["batch_size".into(), Dim::from(1usize), Dim::from(cfg.vocab_size)];
     e.g.output("logits", e.act, logits_shape);
     write(e, path)
 }
