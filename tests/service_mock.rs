@@ -222,19 +222,25 @@ async fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool)
     }
 }
 
-/// A slow stage (one window at a time, queues of one) makes the consumer pause its partitions;
-/// it resumes and every window still gets its version.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sustained_backpressure_pauses_then_resumes() {
-    let cluster = mock_cluster();
-    let pipeline = PipelineConfig {
+/// Greedy, one lane, one window at a time, queues of one: the smallest pipeline, which a slow
+/// stage fills at once.
+fn one_window_at_a_time() -> PipelineConfig {
+    PipelineConfig {
         sampling: SamplingParams::GREEDY,
         lanes: 1,
         lane_queue: 1,
         max_active_windows: 1,
         window_queue: 1,
         ..PipelineConfig::default()
-    };
+    }
+}
+
+/// A slow stage (one window at a time, queues of one) makes the consumer pause its partitions;
+/// it resumes and every window still gets its version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sustained_backpressure_pauses_then_resumes() {
+    let cluster = mock_cluster();
+    let pipeline = one_window_at_a_time();
     let store = Arc::new(MemoryStore::new());
     let (metrics, stop, service) =
         start(cluster.bootstrap_servers(), "onnx".as_ref(), store, pipeline, 1, Duration::from_millis(50)).await;
@@ -400,14 +406,7 @@ async fn slow_model_backpressure_rebalance_and_drain() {
     let redis = RedisServer::start();
     let cluster = mock_cluster();
     let brokers = cluster.bootstrap_servers();
-    let pipeline = PipelineConfig {
-        sampling: SamplingParams::GREEDY,
-        lanes: 1,
-        lane_queue: 1,
-        max_active_windows: 1,
-        window_queue: 1,
-        ..PipelineConfig::default()
-    };
+    let pipeline = one_window_at_a_time();
     let slow = || -> Arc<dyn Inferencer> {
         let engine = Engine::spawn("onnx".as_ref(), Device::Cpu, BatcherConfig::default()).expect("the model loads");
         Arc::new(SlowModel { inner: Arc::new(engine), delay: Duration::from_millis(1500) })

@@ -216,45 +216,20 @@ impl Pki {
     }
 }
 
-/// A TLS-only redis-server (no plain port), killed on drop.
-struct TlsRedis(std::process::Child, u16);
-
-impl TlsRedis {
-    fn start(pki: &Pki, auth_clients: &str) -> Self {
-        let port = common::free_port();
-        let p = |f: &str| pki.path(f).display().to_string();
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
-            .args(["--appendonly", "no", "--tls-auth-clients", auth_clients])
-            .args([
-                "--tls-cert-file",
-                &p("server.pem"),
-                "--tls-key-file",
-                &p("server.key"),
-                "--tls-ca-cert-file",
-                &p("ca.pem"),
-            ])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server (scripts/redis.sh installs it)");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(std::time::Instant::now() < deadline, "redis-server did not listen on {port}");
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        Self(child, port)
-    }
-
-    fn url(&self) -> String {
-        format!("rediss://127.0.0.1:{}/", self.1)
-    }
-}
-
-impl Drop for TlsRedis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// A TLS-only redis-server with the test CA's server certificate; `auth_clients` is
+/// `tls-auth-clients` (`yes`: a client certificate is required).
+fn tls_redis(pki: &Pki, auth_clients: &str) -> RedisServer {
+    let p = |f: &str| pki.path(f).display().to_string();
+    RedisServer::start_tls(vec![
+        "--tls-auth-clients".into(),
+        auth_clients.into(),
+        "--tls-cert-file".into(),
+        p("server.pem"),
+        "--tls-key-file".into(),
+        p("server.key"),
+        "--tls-ca-cert-file".into(),
+        p("ca.pem"),
+    ])
 }
 
 /// `rediss://` (issue 28 item 2): the store works through TLS with the CA that signed the
@@ -270,7 +245,7 @@ async fn rediss_with_the_right_ca_and_client_certificates_and_clear_refusals() {
         client_key: client.then(|| pki.path("client.key")),
     };
 
-    let server = TlsRedis::start(&pki, "no");
+    let server = tls_redis(&pki, "no");
     let store = RedisStore::connect_with(&server.url(), &tls("ca.pem", false)).await.unwrap_or_else(|e| panic!("{e}"));
     conformance::run_all(&store).await;
 
@@ -287,7 +262,7 @@ async fn rediss_with_the_right_ca_and_client_certificates_and_clear_refusals() {
     assert!(err.to_string().contains("not rediss://"), "{err}");
     drop(server);
 
-    let mutual = TlsRedis::start(&pki, "yes");
+    let mutual = tls_redis(&pki, "yes");
     let store = RedisStore::connect_with(&mutual.url(), &tls("ca.pem", true)).await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(store.pending_len("nobody").await.unwrap(), 0);
     // TLS 1.3 may report the missing certificate only at the first reply.

@@ -210,7 +210,6 @@ fn poll_loop(
     let mut last_commit = Instant::now();
     let mut blocked_since: Option<Instant> = None;
     while !*shutdown.borrow() {
-        let paused = s.paused.load(Ordering::Relaxed);
         // Hand held records to the pipeline while it has room.
         let mut closed = false;
         {
@@ -251,6 +250,7 @@ fn poll_loop(
             break;
         }
         let blocked = blocked_since.is_some();
+        let paused = s.paused.load(Ordering::Relaxed);
         if blocked && !paused && blocked_since.is_some_and(|t| t.elapsed() >= cfg.pause_after) {
             set_paused(&consumer, &s, true);
         } else if !blocked && paused {

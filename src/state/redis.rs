@@ -8,6 +8,7 @@ use super::{
     StateStore, DEFAULT_APPLIED_CAP, DEFAULT_SEEN_CAP,
 };
 use crate::event::Event;
+use crate::telemetry::redact_url;
 use crate::window::Window;
 use ::redis::aio::ConnectionManager;
 use ::redis::{Client, ClientTlsConfig, Cmd, FromRedisValue, RedisError, RedisResult, Script, TlsCertificates};
@@ -125,7 +126,7 @@ fn client(url: &str, tls: &RedisTls) -> Result<Client, StateError> {
     if !secure && !tls.is_empty() {
         return Err(StateError::Setup(format!(
             "TLS files were given but the Redis URL {} is not rediss://: use rediss://host:port/",
-            redact(url)
+            redact_url(url)
         )));
     }
     if !secure {
@@ -139,14 +140,6 @@ fn client(url: &str, tls: &RedisTls) -> Result<Client, StateError> {
     Ok(Client::build_with_tls(url, tls.certificates()?)?)
 }
 
-/// `url` without its password, for messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => format!("{}://…@{}", &url[..scheme], &url[at + 1..]),
-        _ => url.to_string(),
-    }
-}
-
 /// A TLS failure on a `rediss://` URL, with the flag that fixes it.
 fn tls_hint(url: &str, e: ::redis::RedisError) -> StateError {
     let text = e.to_string();
@@ -156,7 +149,7 @@ fn tls_hint(url: &str, e: ::redis::RedisError) -> StateError {
         StateError::Setup(format!(
             "TLS handshake with Redis at {} failed: {text} (check --redis-ca-file / PREFSTREAM_REDIS_CA_FILE for the CA \
              that signed the server's certificate, and --redis-client-cert/--redis-client-key if the server requires them)",
-            redact(url)
+            redact_url(url)
         ))
     } else {
         e.into()

@@ -45,27 +45,42 @@ pub struct RedisServer {
     pub port: u16,
     dir: tempfile::TempDir,
     persistent: bool,
+    /// TLS settings (`--tls-cert-file …`): the server then listens on a TLS port only.
+    tls: Option<Vec<String>>,
     child: Option<Child>,
 }
 
 impl RedisServer {
     pub fn start() -> Self {
-        Self::launch(false)
+        Self::launch(false, None)
     }
 
     pub fn start_persistent() -> Self {
-        Self::launch(true)
+        Self::launch(true, None)
     }
 
-    fn launch(persistent: bool) -> Self {
-        let mut s = Self { port: free_port(), dir: tempfile::tempdir().unwrap(), persistent, child: None };
+    /// A TLS-only server (`--port 0 --tls-port`), with `tls` its certificate settings.
+    #[allow(dead_code)] // not every test binary that shares this module starts one
+    pub fn start_tls(tls: Vec<String>) -> Self {
+        Self::launch(false, Some(tls))
+    }
+
+    fn launch(persistent: bool, tls: Option<Vec<String>>) -> Self {
+        let mut s = Self { port: free_port(), dir: tempfile::tempdir().unwrap(), persistent, tls, child: None };
         s.spawn();
         s
     }
 
     fn spawn(&mut self) {
         let port = self.port.to_string();
-        let mut args = vec!["--port", &port, "--bind", "127.0.0.1", "--save", ""];
+        let mut args = vec!["--bind", "127.0.0.1", "--save", ""];
+        match &self.tls {
+            None => args.extend(["--port", &port]),
+            Some(tls) => {
+                args.extend(["--port", "0", "--tls-port", &port]);
+                args.extend(tls.iter().map(String::as_str));
+            }
+        }
         if self.persistent {
             args.extend(["--appendonly", "yes", "--appendfsync", "always"]);
         } else {
@@ -85,7 +100,8 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        let scheme = if self.tls.is_some() { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}/", self.port)
     }
 
     /// SIGKILL (no clean shutdown).

@@ -202,21 +202,21 @@ impl Emitter<'_> {
         }
     }
 
-    /// `x·Wᵀ` for a bias-free projection `prefix.weight` (`[d_out, d_in]`), in the precision.
-    fn projection(&mut self, x: &str, prefix: &str, d_in: usize, d_out: usize) -> Result<String> {
-        match self.prec {
-            Precision::Fp32 => self.linear(x, prefix, d_in, d_out, false),
-            Precision::Fp16 => {
-                let w = self.tensor(&format!("{prefix}.weight"), &[d_out, d_in])?;
-                let wt = self.store_f16(&format!("{prefix}.weight_t"), &w.t()?.contiguous()?)?;
-                Ok(self.g.node("MatMul", &[x, &wt], vec![]))
-            }
-            Precision::Int8 | Precision::Int4 => {
-                let name = format!("{prefix}.weight");
-                let w = self.tensor(&name, &[d_out, d_in])?;
-                self.nbits(x, &name, w)
-            }
-        }
+    /// `x·Wᵀ` for a bias-free projection `name` (`[d_out, d_in]`), in the precision.
+    fn projection(&mut self, x: &str, name: &str, d_in: usize, d_out: usize) -> Result<String> {
+        let w = self.tensor(name, &[d_out, d_in])?;
+        self.matmul_by(x, name, w)
+    }
+
+    /// `x·Wᵀ` for `w` (`[n, k]`, stored as `name`…): Wᵀ in fp32 or fp16 for a plain MatMul, or
+    /// quantized blocks for `MatMulNBits`.
+    fn matmul_by(&mut self, x: &str, name: &str, w: &Tensor) -> Result<String> {
+        let wt = match self.prec {
+            Precision::Fp32 => self.store(&format!("{name}_t"), &w.t()?.contiguous()?)?,
+            Precision::Fp16 => self.store_f16(&format!("{name}_t"), &w.t()?.contiguous()?)?,
+            Precision::Int8 | Precision::Int4 => return self.nbits(x, name, w),
+        };
+        Ok(self.g.node("MatMul", &[x, &wt], vec![]))
     }
 
     /// `x·Wᵀ` with `w` (`[n, k]`) block-quantized: one `MatMulNBits`, int8 compute on CPU.
@@ -275,25 +275,11 @@ impl Emitter<'_> {
         for (part, &d_out) in parts.iter().zip(d_outs) {
             rows.push(self.tensor(&layer_name(layer, part), &[d_out, d_in])?.clone());
         }
-        let stacked = Tensor::cat(&rows, 0)?;
-        // e.g. model.layers.3.self_attn.q_proj+k_proj+v_proj
+        // e.g. model.layers.3.self_attn.q_proj+k_proj+v_proj.weight
         let joined = parts.iter().map(|p| p.rsplit('.').next().unwrap_or(p)).collect::<Vec<_>>().join("+");
         let prefix = parts[0].rsplit_once('.').map_or("", |(a, _)| a);
         let name = layer_name(layer, &format!("{prefix}.{joined}"));
-        let name = name.trim_end_matches(".weight");
-        let total: usize = d_outs.iter().sum();
-        let y = match self.prec {
-            Precision::Fp32 => {
-                let wt = self.store(&format!("{name}.weight_t"), &stacked.t()?.contiguous()?)?;
-                self.g.node("MatMul", &[x, &wt], vec![])
-            }
-            Precision::Fp16 => {
-                let wt = self.store_f16(&format!("{name}.weight_t"), &stacked.t()?.contiguous()?)?;
-                self.g.node("MatMul", &[x, &wt], vec![])
-            }
-            Precision::Int8 | Precision::Int4 => self.nbits(x, &format!("{name}.weight"), &stacked)?,
-        };
-        debug_assert_eq!(stacked.dims(), [total, d_in]);
+        let y = self.matmul_by(x, &name, &Tensor::cat(&rows, 0)?)?;
         let sizes: Vec<i64> = d_outs.iter().map(|&n| n as i64).collect();
         let sizes = self.g.const_i64(&sizes);
         Ok(self.g.split(&y, &sizes, -1, parts.len()))
@@ -332,7 +318,7 @@ impl Emitter<'_> {
         let kv = c.num_key_value_heads * hd;
         let to_heads = vec![Attribute::ints("perm", &[0, 2, 1, 3])];
         let proj = |e: &mut Self, x: &str, what: &str, din: usize, dout: usize| {
-            e.projection(x, layer_name(i, what).trim_end_matches(".weight"), din, dout)
+            e.projection(x, &layer_name(i, what), din, dout)
         };
         let hn = self.rms_norm(x, &layer_name(i, "input_layernorm"), d, c.rms_norm_eps)?;
         let heads = |e: &mut Self, y: String, n: i64| {
