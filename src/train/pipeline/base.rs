@@ -106,7 +106,7 @@ impl Run {
     /// Cold-start SFT of LoRA adapters on the base: the teacher's candidates filtered by the
     /// run's judge (R_jud = 1), in ChatML, loss on the response only. Writes
     /// `base_sft/adapter.safetensors` + `adapter.json` and `base_sft_curve.*`. With `resume`,
-    /// training continues from that adapter, with batches drawn from another seed.
+    /// training continues from that adapter, with batches drawn from a stream salted by its hash.
     pub fn base_sft_step(&self, preset: &Preset, base_path: &Path, resume: Option<&Path>) -> Result<PathBuf> {
         let bp = &preset.base;
         let BaseInputs { world, tok, judge, base, btok } = self.base_inputs(base_path)?;
@@ -129,8 +129,10 @@ impl Run {
         );
         let (model, vars, lora) = match resume {
             Some(path) => {
-                // The same filtered data, other batches: a fresh rng stream for the sampler.
-                rng = self.rng(14);
+                // The same filtered data, other batches: an rng stream salted by the adapter's
+                // hash, so each resumed pass (pass 2 from pass 1, pass 3 from pass 2…) draws anew.
+                let digest = crate::train::base::sha256_file(path)?;
+                rng = self.rng(14 ^ u64::from_str_radix(&digest[..15], 16)?);
                 let (model, vars, info) = load_adapted(&base, path).context("the adapter to resume from")?;
                 (model, vars, info.lora)
             }
