@@ -182,9 +182,9 @@ impl PipelineArgs {
     }
 }
 
-/// TLS for a `rediss://` Redis URL (refused with a `redis://` one).
+/// How to reach Redis beyond its URL: TLS files for `rediss://` (refused with `redis://`), and Cluster mode.
 #[derive(Args, Debug, Clone, Default)]
-pub struct RedisTlsArgs {
+pub struct RedisArgs {
     /// PEM CA bundle that signed the Redis server's certificate (`rediss://`); default: the
     /// system's roots.
     #[arg(long, env = "PREFSTREAM_REDIS_CA_FILE")]
@@ -195,9 +195,14 @@ pub struct RedisTlsArgs {
     /// PEM private key of --redis-client-cert.
     #[arg(long, env = "PREFSTREAM_REDIS_CLIENT_KEY", requires = "redis_client_cert")]
     pub redis_client_key: Option<PathBuf>,
+    /// --redis-url is a seed node of a Redis Cluster (implied when it lists several,
+    /// comma-separated): commands go to the primary of each user's slot, SCANs to every
+    /// primary, and MOVED/ASK and failovers are followed.
+    #[arg(long, env = "PREFSTREAM_REDIS_CLUSTER")]
+    pub redis_cluster: bool,
 }
 
-impl RedisTlsArgs {
+impl RedisArgs {
     pub fn tls(&self) -> crate::state::redis::RedisTls {
         crate::state::redis::RedisTls {
             ca_file: self.redis_ca_file.clone(),
@@ -212,12 +217,14 @@ impl RedisTlsArgs {
 pub struct ServiceArgs {
     #[command(flatten)]
     pub kafka: KafkaArgs,
-    /// Redis holding windows and descriptions (`redis://[:password@]host:port/db`). Run it
-    /// with AOF (`appendonly yes`) so that a restart keeps accepted events.
+    /// Redis holding windows and descriptions (`redis://[:password@]host:port/db`), or the
+    /// seed nodes of a Redis Cluster separated by commas (`redis://a:7000,redis://b:7001`;
+    /// see --redis-cluster). Run it with AOF (`appendonly yes`) so that a restart keeps
+    /// accepted events.
     #[arg(long, env = "PREFSTREAM_REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
     pub redis_url: String,
     #[command(flatten)]
-    pub redis_tls: RedisTlsArgs,
+    pub redis: RedisArgs,
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]

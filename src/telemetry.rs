@@ -394,8 +394,12 @@ pub fn redact_pairs(pairs: &[(String, String)]) -> Vec<String> {
     pairs.iter().map(|(k, v)| if is_secret_key(k) { format!("{k}=***") } else { format!("{k}={v}") }).collect()
 }
 
-/// A URL with its password (and a user-only credential) masked: `redis://user:***@host/`.
+/// A URL with its password (and a user-only credential) masked: `redis://user:***@host/`;
+/// each of a comma-separated list (a Redis Cluster's seeds).
 pub fn redact_url(url: &str) -> String {
+    if url.contains(',') {
+        return url.split(',').map(redact_url).collect::<Vec<_>>().join(",");
+    }
     let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
     let (auth, host) = match rest.rsplit_once('@') {
         Some((auth, host)) => (auth, host),
@@ -427,6 +431,7 @@ mod tests {
         }
         assert!(out.contains("sasl.username=svc") && out.contains("security.protocol=SASL_SSL"));
         assert_eq!(redact_url("redis://:pw@h:6379/0"), "redis://:***@h:6379/0");
+        assert_eq!(redact_url("redis://:pw@a:1,redis://u:pw@b:2"), "redis://:***@a:1,redis://u:***@b:2");
         assert_eq!(redact_url("rediss://u:p@a@h/"), "rediss://u:***@h/");
         assert_eq!(redact_url("redis://tok@h/"), "redis://***@h/");
         assert_eq!(redact_url("redis://127.0.0.1:6379/"), "redis://127.0.0.1:6379/");

@@ -262,7 +262,7 @@ async fn run(args: RunArgs) -> Result<()> {
     }
     let engine = start_engine(&args.svc.model)?;
     health.engine.store(true, Ordering::Relaxed);
-    let store = RedisStore::connect_with(&args.svc.redis_url, &args.svc.redis_tls.tls())
+    let store = RedisStore::open(&args.svc.redis_url, &args.svc.redis.tls(), args.svc.redis.redis_cluster)
         .await
         .with_context(|| format!("cannot reach Redis at {}", telemetry::redact_url(&args.svc.redis_url)))?;
     health.redis.store(true, Ordering::Relaxed);
@@ -389,7 +389,7 @@ async fn replay(args: ReplayArgs) -> Result<()> {
         idle_end: args.idle_end,
     };
     let engine = start_engine(&args.svc.model)?;
-    let live = RedisStore::connect_with(&args.svc.redis_url, &args.svc.redis_tls.tls())
+    let live = RedisStore::open(&args.svc.redis_url, &args.svc.redis.tls(), args.svc.redis.redis_cluster)
         .await
         .with_context(|| format!("cannot reach Redis at {}", telemetry::redact_url(&args.svc.redis_url)))?;
     let (_stop_tx, stop_rx) = prefstream::service::shutdown_on_signals();
@@ -477,7 +477,7 @@ async fn check(args: CheckArgs) -> Result<()> {
         }
     }
     let redis = tokio::time::timeout(timeout, async {
-        let store = RedisStore::connect_with(&args.svc.redis_url, &args.svc.redis_tls.tls()).await?;
+        let store = RedisStore::open(&args.svc.redis_url, &args.svc.redis.tls(), args.svc.redis.redis_cluster).await?;
         store.ping().await
     })
     .await

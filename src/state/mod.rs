@@ -22,6 +22,7 @@
 //!   default 1024, kept), so re-applying a window does not bump the version twice
 //! - `pref:{u}:parked` hash window id -> `{"reason":..,"attempts":N,"seq":N,"events":[...]}`
 
+mod connection;
 pub mod memory;
 pub mod redis;
 

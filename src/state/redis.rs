@@ -3,19 +3,18 @@
 //! connection. Scripts go through `redis::Script` (EVALSHA, reloaded after `SCRIPT FLUSH` or a
 //! server restart). Layout: see `crate::state`.
 
+pub use super::connection::RedisTls;
+use super::connection::{is_transient, Conn};
 use super::{
     check_append, now_rfc3339, AppendOutcome, ApplyOutcome, Description, FailOutcome, ParkedWindow, StateError,
     StateStore, DEFAULT_APPLIED_CAP, DEFAULT_SEEN_CAP,
 };
 use crate::event::Event;
-use crate::telemetry::redact_url;
 use crate::window::Window;
-use ::redis::aio::ConnectionManager;
-use ::redis::{Client, ClientTlsConfig, Cmd, FromRedisValue, RedisError, RedisResult, Script, TlsCertificates};
+use ::redis::{Cmd, FromRedisValue, RedisResult, Script};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 /// Helpers shared by the claiming scripts; Redis scripts cannot import each other.
@@ -50,7 +49,7 @@ struct Scripts {
 
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: Conn,
     scripts: Arc<Scripts>,
     seen_cap: usize,
     applied_cap: usize,
@@ -62,11 +61,6 @@ impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore").field("seen_cap", &self.seen_cap).field("applied_cap", &self.applied_cap).finish()
     }
-}
-
-/// Errors after which the `ConnectionManager` reconnects: the next call may succeed.
-fn is_transient(e: &RedisError) -> bool {
-    e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
 }
 
 /// What the scripts store for a claimed window (inflight) and a parked one.
@@ -87,86 +81,22 @@ struct StoredParked {
     events: Vec<Event>,
 }
 
-/// TLS files for a `rediss://` URL (PEM); none: verify the server against the system's roots.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct RedisTls {
-    /// CA bundle that signed the server's certificate.
-    pub ca_file: Option<PathBuf>,
-    /// Client certificate and key, for servers that require them (`tls-auth-clients yes`).
-    pub client_cert: Option<PathBuf>,
-    pub client_key: Option<PathBuf>,
-}
-
-impl RedisTls {
-    fn is_empty(&self) -> bool {
-        self == &Self::default()
-    }
-
-    fn certificates(&self) -> Result<TlsCertificates, StateError> {
-        let read = |path: &PathBuf, what: &str| {
-            std::fs::read(path)
-                .map_err(|e| StateError::Setup(format!("reading the Redis {what} {}: {e}", path.display())))
-        };
-        let client_tls = match (&self.client_cert, &self.client_key) {
-            (Some(cert), Some(key)) => Some(ClientTlsConfig {
-                client_cert: read(cert, "client certificate (--redis-client-cert)")?,
-                client_key: read(key, "client key (--redis-client-key)")?,
-            }),
-            (None, None) => None,
-            _ => return Err(StateError::Setup("--redis-client-cert and --redis-client-key go together".into())),
-        };
-        let root_cert = self.ca_file.as_ref().map(|f| read(f, "CA file (--redis-ca-file)")).transpose()?;
-        Ok(TlsCertificates { client_tls, root_cert })
-    }
-}
-
-/// The client for `url`: plain, or TLS for `rediss://` (rustls, with `tls`'s files).
-fn client(url: &str, tls: &RedisTls) -> Result<Client, StateError> {
-    let secure = url.starts_with("rediss://");
-    if !secure && !tls.is_empty() {
-        return Err(StateError::Setup(format!(
-            "TLS files were given but the Redis URL {} is not rediss://: use rediss://host:port/",
-            redact_url(url)
-        )));
-    }
-    if !secure {
-        return Ok(Client::open(url)?);
-    }
-    // rustls needs a process-wide crypto provider; a second install is a no-op error.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    if tls.is_empty() {
-        return Ok(Client::open(url)?);
-    }
-    Ok(Client::build_with_tls(url, tls.certificates()?)?)
-}
-
-/// A TLS failure on a `rediss://` URL, with the flag that fixes it.
-fn tls_hint(url: &str, e: ::redis::RedisError) -> StateError {
-    let text = e.to_string();
-    let tls =
-        text.contains("certificate") || text.contains("TLS") || text.contains("tls") || text.contains("handshake");
-    if url.starts_with("rediss://") && tls {
-        StateError::Setup(format!(
-            "TLS handshake with Redis at {} failed: {text} (check --redis-ca-file / PREFSTREAM_REDIS_CA_FILE for the CA \
-             that signed the server's certificate, and --redis-client-cert/--redis-client-key if the server requires them)",
-            redact_url(url)
-        ))
-    } else {
-        e.into()
-    }
-}
-
 impl RedisStore {
     /// Connect (e.g. `redis://127.0.0.1:6379/`); fails if the server is unreachable.
     pub async fn connect(url: &str) -> Result<Self, StateError> {
-        Self::connect_with(url, &RedisTls::default()).await
+        Self::open(url, &RedisTls::default(), false).await
     }
 
     /// Connect with TLS files for a `rediss://` URL. A failed handshake (wrong CA, a missing
     /// client certificate) is an error that names the flag to fix.
     pub async fn connect_with(url: &str, tls: &RedisTls) -> Result<Self, StateError> {
-        let client = client(url, tls)?;
-        let conn = ConnectionManager::new(client).await.map_err(|e| tls_hint(url, e))?;
+        Self::open(url, tls, false).await
+    }
+
+    /// Connect to one server, or to a Redis Cluster when `cluster` is set or `url` lists
+    /// several comma-separated seed nodes (`redis://a:7000,redis://b:7001`).
+    pub async fn open(url: &str, tls: &RedisTls, cluster: bool) -> Result<Self, StateError> {
+        let conn = Conn::open(url, tls, cluster).await?;
         Ok(Self {
             conn,
             scripts: Arc::new(Scripts {
@@ -181,13 +111,20 @@ impl RedisStore {
         })
     }
 
-    /// Bounds of the per-user dedupe (event ids) and applied (window ids) memories.
-    /// One round trip (for `prefstream check`): the server's answer and version.
+    /// One round trip (for `prefstream check`): the server's answer and version, and on a
+    /// Cluster how many primaries serve its slots.
     pub async fn ping(&self) -> Result<String, StateError> {
         let pong: String = self.query(&::redis::cmd("PING")).await?;
-        let info: String = self.query(::redis::cmd("INFO").arg("server")).await?;
+        // On a Cluster, INFO goes to every node: ask the first primary alone.
+        let primaries = self.retry(|mut c| async move { c.primaries().await }).await?;
+        let first = primaries.first();
+        let info = &::redis::cmd("INFO").arg("server").clone();
+        let info: String = self.retry(|mut c| async move { c.on_node(first, info).await }).await?;
         let version = info.lines().find_map(|l| l.strip_prefix("redis_version:")).unwrap_or("?").trim().to_string();
-        Ok(format!("{pong}, redis {version}"))
+        if !self.conn.is_cluster() {
+            return Ok(format!("{pong}, redis {version}"));
+        }
+        Ok(format!("{pong}, redis {version}, cluster of {} primaries", primaries.len()))
     }
 
     /// The same server under another key prefix (a replay's staging area). The hash tag stays
@@ -204,28 +141,51 @@ impl RedisStore {
         ns_key(&self.namespace, user, suffix)
     }
 
-    /// Users of this namespace that have a `suffix` key, sorted (SCAN: single node; on
-    /// Cluster, run per primary).
-    pub async fn users_with(&self, suffix: &str) -> Result<Vec<String>, StateError> {
-        let (prefix, tail) = (format!("{}:{{", self.namespace), format!("}}:{suffix}"));
-        let mut users = Vec::new();
-        let mut cursor: u64 = 0;
-        loop {
-            let mut cmd = ::redis::cmd("SCAN");
-            cmd.arg(cursor).arg("MATCH").arg(format!("{}:{{*}}:{suffix}", self.namespace)).arg("COUNT").arg(1000);
-            let (next, keys): (u64, Vec<String>) = self.query(&cmd).await?;
-            users.extend(
-                keys.iter()
-                    .filter_map(|k| k.strip_prefix(prefix.as_str())?.strip_suffix(tail.as_str()))
-                    .map(str::to_string),
-            );
-            if next == 0 {
-                break;
+    /// Every key matching `pattern`, sorted: SCAN on the one server, or on each primary of a
+    /// Cluster. A key that moves during a slot migration may be seen twice (deduplicated) or,
+    /// rarely, missed; the callers (recovery, staging) run again.
+    async fn scan_keys(&self, pattern: &str) -> Result<Vec<String>, StateError> {
+        let nodes: Vec<Option<(String, u16)>> = if self.conn.is_cluster() {
+            self.retry(|mut c| async move { c.primaries().await }).await?.into_iter().map(Some).collect()
+        } else {
+            vec![None]
+        };
+        let mut keys = Vec::new();
+        for node in &nodes {
+            let mut cursor: u64 = 0;
+            loop {
+                let mut cmd = ::redis::cmd("SCAN");
+                cmd.arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(1000);
+                let cmd = &cmd;
+                let (next, page): (u64, Vec<String>) =
+                    self.retry(|mut c| async move { c.on_node(node.as_ref(), cmd).await }).await?;
+                keys.extend(page);
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
             }
-            cursor = next;
         }
-        users.sort();
-        users.dedup(); // SCAN may return a key twice
+        keys.sort();
+        keys.dedup(); // SCAN may return a key twice
+        Ok(keys)
+    }
+
+    /// The user and suffix of one of this namespace's keys.
+    fn split_key<'k>(&self, key: &'k str) -> Option<(&'k str, &'k str)> {
+        key.strip_prefix(self.namespace.as_str())?.strip_prefix(":{")?.rsplit_once("}:")
+    }
+
+    /// Users of this namespace that have a `suffix` key, sorted.
+    pub async fn users_with(&self, suffix: &str) -> Result<Vec<String>, StateError> {
+        let keys = self.scan_keys(&format!("{}:{{*}}:{suffix}", self.namespace)).await?;
+        let mut users: Vec<String> = keys
+            .iter()
+            .filter_map(|k| self.split_key(k))
+            .filter(|(_, s)| *s == suffix)
+            .map(|(u, _)| u.to_string())
+            .collect();
+        users.dedup();
         Ok(users)
     }
 
@@ -247,19 +207,19 @@ impl RedisStore {
         if self.namespace == NAMESPACE {
             return Err(StateError::Invalid("refusing to clear the live namespace".into()));
         }
-        let (mut cursor, mut deleted) = (0u64, 0u64);
-        loop {
-            let mut cmd = ::redis::cmd("SCAN");
-            cmd.arg(cursor).arg("MATCH").arg(format!("{}:*", self.namespace)).arg("COUNT").arg(1000);
-            let (next, keys): (u64, Vec<String>) = self.query(&cmd).await?;
-            if !keys.is_empty() {
-                deleted += self.query::<u64>(::redis::cmd("DEL").arg(&keys)).await?;
+        // One DEL per user: a user's keys share a slot, so this is Cluster-safe too.
+        let mut by_user: std::collections::BTreeMap<&str, Vec<&str>> = std::collections::BTreeMap::new();
+        let keys = self.scan_keys(&format!("{}:*", self.namespace)).await?;
+        for k in &keys {
+            if let Some((user, _)) = self.split_key(k) {
+                by_user.entry(user).or_default().push(k);
             }
-            if next == 0 {
-                return Ok(deleted);
-            }
-            cursor = next;
         }
+        let mut deleted = 0;
+        for keys in by_user.values() {
+            deleted += self.query::<u64>(::redis::cmd("DEL").arg(keys)).await?;
+        }
+        Ok(deleted)
     }
 
     /// `apply` without the claim requirement: an operator's (or a rebuild's) write of a
@@ -326,6 +286,7 @@ impl RedisStore {
         Ok(v.into_iter().map(|(_, at, w)| (at, w)).collect())
     }
 
+    /// Bounds of the per-user dedupe (event ids) and applied (window ids) memories.
     pub fn with_caps(mut self, seen_cap: usize, applied_cap: usize) -> Self {
         self.seen_cap = seen_cap.max(1);
         self.applied_cap = applied_cap.max(1);
@@ -333,13 +294,14 @@ impl RedisStore {
     }
 
     /// Run `op`, retrying once after a connection error: the first call after the server
-    /// dropped the connection fails, and makes the manager reconnect for the next one.
+    /// dropped the connection fails, and makes the manager reconnect (or the Cluster client
+    /// refresh its slot map) for the next one.
     /// If the first run did land before the connection dropped, the retry sees its effect:
     /// append reports `Duplicate` (a window it claimed stays inflight, re-driven through
     /// `inflight()`/`recover()`), apply reports `AlreadyApplied`, fail counts one more attempt.
     async fn retry<T, F, Fut>(&self, op: F) -> Result<T, StateError>
     where
-        F: Fn(ConnectionManager) -> Fut + Send + Sync,
+        F: Fn(Conn) -> Fut + Send + Sync,
         Fut: Future<Output = RedisResult<T>> + Send,
         T: Send,
     {

@@ -79,6 +79,8 @@ pub struct RedisServer {
     persistent: bool,
     /// TLS settings (`--tls-cert-file …`): the server then listens on a TLS port only.
     tls: Option<Vec<String>>,
+    /// More arguments (a Cluster node's).
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
@@ -111,7 +113,15 @@ impl RedisServer {
     }
 
     fn new(persistent: bool, tls: Option<Vec<String>>, place: Place) -> Self {
-        Self { port: free_port(), place, dir: tempfile::tempdir().unwrap(), persistent, tls, child: None }
+        Self {
+            port: free_port(),
+            place,
+            dir: tempfile::tempdir().unwrap(),
+            persistent,
+            tls,
+            extra: vec![],
+            child: None,
+        }
     }
 
     fn spawn(&mut self) {
@@ -130,6 +140,7 @@ impl RedisServer {
         } else {
             args.extend(["--appendonly", "no"]);
         }
+        args.extend(self.extra.iter().map(String::as_str));
         let mut child = self
             .place
             .command("redis-server")
@@ -162,6 +173,161 @@ impl RedisServer {
 
     pub fn conn(&self) -> redis::Connection {
         redis::Client::open(self.url()).unwrap().get_connection().unwrap()
+    }
+
+    pub fn addr(&self) -> String {
+        format!("{}:{}", self.place.host, self.port)
+    }
+}
+
+/// A Redis Cluster of `redis-server --cluster-enabled yes` processes on loopback (AOF, fsync
+/// always), made with `redis-cli --cluster create`: `primaries` primaries with `replicas`
+/// replicas each. A node that stops answering is failed over after 2 s.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn start(primaries: usize, replicas: usize) -> Self {
+        let nodes: Vec<RedisServer> = (0..primaries * (1 + replicas))
+            .map(|_| {
+                let mut s = RedisServer::new(true, None, Place::default());
+                s.extra = [
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                ]
+                .map(String::from)
+                .to_vec();
+                s.spawn();
+                s
+            })
+            .collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(nodes.iter().map(RedisServer::addr))
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .output()
+            .expect("redis-cli (Debian package redis-tools, installed with redis-server)");
+        assert!(out.status.success(), "redis-cli --cluster create: {}", String::from_utf8_lossy(&out.stdout));
+        let c = Self { nodes };
+        c.wait_ok(Duration::from_secs(30));
+        c
+    }
+
+    /// Seed URLs of every node, comma-separated (`--redis-url`).
+    pub fn url(&self) -> String {
+        self.nodes.iter().map(RedisServer::url).collect::<Vec<_>>().join(",")
+    }
+
+    /// A cluster connection (follows MOVED/ASK).
+    pub fn conn(&self) -> redis::cluster::ClusterConnection {
+        let urls: Vec<String> = self.nodes.iter().filter(|n| n.child.is_some()).map(RedisServer::url).collect();
+        redis::cluster::ClusterClient::new(urls).unwrap().get_connection().unwrap()
+    }
+
+    /// `redis-cli` against node `i`.
+    pub fn cli(&self, i: usize, args: &[&str]) -> String {
+        let out = Command::new("redis-cli").args(["-p", &self.nodes[i].port.to_string()]).args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Waits until every running node reports `cluster_state:ok` and agrees on the slots.
+    pub fn wait_ok(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let ok = self
+                .nodes
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| n.child.is_some())
+                .all(|(i, _)| self.cli(i, &["cluster", "info"]).contains("cluster_state:ok"));
+            let check = Command::new("redis-cli")
+                .args(["--cluster", "check", &self.running_addr()])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains("[OK] All 16384 slots covered"))
+                .unwrap_or(false);
+            if ok && check {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster is not ok within {timeout:?}: {}",
+                self.cli(0, &["cluster", "nodes"])
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn running_addr(&self) -> String {
+        self.nodes.iter().find(|n| n.child.is_some()).expect("a running node").addr()
+    }
+
+    /// Indices of the nodes that are primaries now.
+    pub fn primaries(&self) -> Vec<usize> {
+        let nodes = self.cli(self.nodes.iter().position(|n| n.child.is_some()).unwrap(), &["cluster", "nodes"]);
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| {
+                n.child.is_some()
+                    && nodes
+                        .lines()
+                        .any(|l| l.contains(&format!(":{}@", n.port)) && l.contains("master") && !l.contains("fail"))
+            })
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// The node id of node `i`.
+    pub fn id(&self, i: usize) -> String {
+        self.cli(i, &["cluster", "myid"]).trim().to_string()
+    }
+
+    /// Moves `slots` slots from node `from` to node `to` with `redis-cli --cluster reshard`.
+    pub fn reshard(&self, from: usize, to: usize, slots: usize) {
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "reshard", &self.nodes[from].addr()])
+            .args(["--cluster-from", &self.id(from), "--cluster-to", &self.id(to)])
+            .args(["--cluster-slots", &slots.to_string(), "--cluster-yes"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "reshard: {}", String::from_utf8_lossy(&out.stdout));
+    }
+
+    /// Every key on every running node matching `pattern`.
+    pub fn keys(&self, pattern: &str) -> Vec<String> {
+        let mut keys: Vec<String> = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].child.is_some())
+            .flat_map(|i| {
+                self.cli(i, &["--scan", "--pattern", pattern]).lines().map(str::to_string).collect::<Vec<_>>()
+            })
+            .filter(|k| !k.is_empty())
+            .collect();
+        keys.sort();
+        keys.dedup(); // a replica holds its primary's keys
+        keys
+    }
+}
+
+/// What the ledger check reads Redis through: one server or a Cluster.
+pub trait LedgerRedis {
+    fn ledger_conn(&self) -> Box<dyn redis::ConnectionLike>;
+}
+
+impl LedgerRedis for RedisServer {
+    fn ledger_conn(&self) -> Box<dyn redis::ConnectionLike> {
+        Box::new(self.conn())
+    }
+}
+
+impl LedgerRedis for RedisCluster {
+    fn ledger_conn(&self) -> Box<dyn redis::ConnectionLike> {
+        Box::new(self.conn())
     }
 }
 
@@ -527,7 +693,7 @@ pub fn wait_for_versions(brokers: &str, want: usize, timeout: Duration, service_
 /// published exactly once each in content (a re-publication repeats the same window), their
 /// windows are disjoint, and windows plus the pending partial window in Redis hold every
 /// event id exactly once; nothing is in flight or parked; Redis has the last version.
-pub fn check_ledger(events: &[Event], updates: &[Update], redis: &mut redis::Connection, window: usize) {
+pub fn check_ledger(events: &[Event], updates: &[Update], redis: &mut dyn redis::ConnectionLike, window: usize) {
     let mut ids_by_user: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
     for e in events {
         ids_by_user.entry(&e.user_id).or_default().insert(&e.event_id);
@@ -578,19 +744,19 @@ pub fn check_ledger(events: &[Event], updates: &[Update], redis: &mut redis::Con
 /// `check_ledger` once the service has caught up: a restarted consumer may still be reading the
 /// tail (the partial windows) after every version is out. Retries for up to `timeout`, then
 /// reports the last failure.
-pub fn check_ledger_eventually(brokers: &str, events: &[Event], redis: &RedisServer, timeout: Duration) {
+pub fn check_ledger_eventually(brokers: &str, events: &[Event], redis: &dyn LedgerRedis, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
         let u = updates(brokers);
         let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            check_ledger(events, &u, &mut redis.conn(), 4);
+            check_ledger(events, &u, redis.ledger_conn().as_mut(), 4);
         }))
         .is_ok();
         if ok {
             return;
         }
         if Instant::now() > deadline {
-            check_ledger(events, &u, &mut redis.conn(), 4); // panics with the reason
+            check_ledger(events, &u, redis.ledger_conn().as_mut(), 4); // panics with the reason
         }
         std::thread::sleep(Duration::from_secs(1));
     }

@@ -1,0 +1,159 @@
+//! The state store and the service on a real Redis Cluster: `redis-server --cluster-enabled
+//! yes` processes on loopback made into a cluster by `redis-cli --cluster create`. The store's
+//! conformance suite and its key-space walks (recovery, staging) across every primary; then the
+//! `prefstream` binary on tansu with the cluster: every window to exactly one version through a
+//! SIGKILL and a `forget`, and through a slot migration of the busy users' slots mid-stream.
+
+mod common;
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use common::*;
+use prefstream::event::{Event, EventBody};
+use prefstream::state::conformance::{self, event};
+use prefstream::state::redis::{RedisStore, RedisTls};
+use prefstream::state::StateStore;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn windows(events: &[Event]) -> usize {
+    let mut per_user = std::collections::HashMap::<&str, usize>::new();
+    for e in events {
+        *per_user.entry(&e.user_id).or_default() += 1;
+    }
+    per_user.values().map(|n| n / 4).sum()
+}
+
+#[test]
+fn conformance_and_key_space_walks_on_three_primaries() {
+    let _g = serial();
+    let cluster = RedisCluster::start(3, 0);
+    tokio::runtime::Runtime::new().unwrap().block_on(store_on(&cluster));
+}
+
+async fn store_on(cluster: &RedisCluster) {
+    // Several seed URLs select the cluster client.
+    let store = RedisStore::open(&cluster.url(), &RedisTls::default(), false).await.unwrap();
+    let pong = store.ping().await.unwrap();
+    assert!(pong.contains("cluster of 3 primaries"), "{pong}");
+    conformance::run_all(&store).await;
+    assert!(cluster.keys("*").is_empty(), "left behind: {:?}", cluster.keys("*"));
+
+    // Claimed windows of 30 users, spread by their hash tags over all three primaries: the
+    // recovery scan must find every one.
+    let users: Vec<String> = (0..30).map(|i| format!("spread-{i}")).collect();
+    for u in &users {
+        for j in 0..4 {
+            store.append(u, &event(u, &format!("{u}-e{j}"), j), 4).await.unwrap();
+        }
+    }
+    for p in cluster.primaries() {
+        let size: usize = cluster.cli(p, &["dbsize"]).trim().parse().unwrap();
+        assert!(size > 0, "primary {p} holds none of the 30 users");
+    }
+    let mut found: Vec<String> =
+        store.recover(Duration::ZERO).await.unwrap().into_iter().map(|w| w.user_id.clone()).collect();
+    found.sort();
+    let mut want = users.clone();
+    want.sort();
+    assert_eq!(found, want, "recovery walks every primary");
+
+    // A staging namespace spread the same way is cleared on every primary.
+    let staging = store.with_namespace("replay-test");
+    for u in &users {
+        staging.append(u, &event(u, &format!("{u}-s"), 0), 4).await.unwrap();
+    }
+    assert_eq!(staging.users_with("pending").await.unwrap().len(), 30);
+    let deleted = staging.clear_namespace().await.unwrap();
+    assert!(deleted >= 60, "pending + seen of 30 users, got {deleted}");
+    assert!(cluster.keys("replay-test:*").is_empty());
+    for u in &users {
+        store.forget(u).await.unwrap();
+    }
+    assert!(cluster.keys("*").is_empty());
+}
+
+/// Like `e2e_tansu::sigkill_mid_stream_then_restart_loses_nothing`, on the cluster; then a
+/// `forget` erases a user's keys wherever their slot lives.
+#[test]
+fn service_on_a_cluster_sigkill_then_forget() {
+    let _g = serial();
+    let cluster = RedisCluster::start(3, 0);
+    let broker = Tansu::start();
+    broker.create_service_topics(4);
+    let brokers = broker.brokers();
+    let events = synth_events(12, 42, 41);
+    let want = windows(&events);
+    let (first, second) = events.split_at(events.len() / 2);
+    produce_events(&brokers, first);
+    let mut service = Service::start(&brokers, &cluster.url(), "cluster-kill-a", &[]);
+    wait_for_versions(&brokers, want / 4, Duration::from_secs(300), &[&service]);
+    produce_events(&brokers, second);
+    service.kill9();
+    let mut restarted = Service::start(&brokers, &cluster.url(), "cluster-kill-b", &[]);
+    wait_for_versions(&brokers, want, Duration::from_secs(600), &[&restarted]);
+    check_ledger_eventually(&brokers, &events, &cluster, Duration::from_secs(60));
+
+    let gone = events[0].user_id.clone();
+    assert!(!cluster.keys(&format!("pref:{{{gone}}}:*")).is_empty());
+    let forget = Event { event_id: "forget-1".into(), body: EventBody::Forget, ..events[0].clone() };
+    produce_events(&brokers, &[forget]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !cluster.keys(&format!("pref:{{{gone}}}:*")).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "{gone}'s keys outlived the forget:\n{}", restarted.log_text());
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let tombstone = read_all(&brokers, UPDATES).into_iter().rfind(|r| r.key.as_deref() == Some(gone.as_bytes()));
+    assert!(tombstone.is_some_and(|r| r.payload.is_none()), "the tombstone is the forgotten user's last message");
+    assert!(restarted.terminate().success());
+}
+
+/// Every slot of one primary — a third of the users, all of them busy — moves to another
+/// primary with `redis-cli --cluster reshard` while events arrive: scripts meet ASK, MOVED and
+/// TRYAGAIN mid-migration and are retried; nothing is lost or applied twice.
+#[test]
+fn slot_migration_of_busy_users_mid_stream() {
+    let _g = serial();
+    let cluster = RedisCluster::start(3, 0);
+    let broker = Tansu::start();
+    broker.create_service_topics(4);
+    let brokers = broker.brokers();
+    let events = synth_events(12, 60, 42);
+    let (first, rest) = events.split_at(120);
+    produce_events(&brokers, first);
+    let mut service = Service::start(&brokers, &cluster.url(), "cluster-reshard", &[]);
+    wait_for_versions(&brokers, windows(first), Duration::from_secs(300), &[&service]);
+
+    let (b, rest) = (brokers.clone(), rest.to_vec());
+    let producing = std::thread::spawn(move || {
+        for chunk in rest.chunks(12) {
+            produce_events(&b, chunk);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let (from, to) = (cluster.primaries()[0], cluster.primaries()[1]);
+    let started = std::time::Instant::now();
+    cluster.reshard(from, to, 5461);
+    let took = started.elapsed();
+    producing.join().unwrap();
+    cluster.wait_ok(Duration::from_secs(30));
+    let size: usize = cluster.cli(from, &["dbsize"]).trim().parse().unwrap();
+    assert_eq!(size, 0, "every key left the emptied primary");
+
+    let all = wait_for_versions(&brokers, windows(&events), Duration::from_secs(600), &[&service]);
+    check_ledger_eventually(&brokers, &events, &cluster, Duration::from_secs(60));
+    let metrics = service.metrics();
+    eprintln!(
+        "reshard of 5461 slots took {took:?}; {} events, {} publications; redis retries {:?}",
+        events.len(),
+        all.len(),
+        metric_value(&metrics, "prefstream_retries_total{component=\"redis\"}")
+    );
+    assert!(service.terminate().success());
+}
