@@ -200,6 +200,11 @@ pub struct RedisArgs {
     /// primary, and MOVED/ASK and failovers are followed.
     #[arg(long, env = "PREFSTREAM_REDIS_CLUSTER")]
     pub redis_cluster: bool,
+    /// Replicas that must acknowledge each write before it counts (Redis `WAIT`), so that a
+    /// failover cannot lose accepted events; while a primary has fewer, its users' writes are
+    /// retried. 0: the primary's acknowledgement is enough (replication is asynchronous).
+    #[arg(long, env = "PREFSTREAM_REDIS_WAIT_REPLICAS", default_value_t = 0)]
+    pub redis_wait_replicas: usize,
 }
 
 impl RedisArgs {

@@ -157,3 +157,56 @@ fn slot_migration_of_busy_users_mid_stream() {
     );
     assert!(service.terminate().success());
 }
+
+/// Three primaries with a replica each (6 processes); one primary is SIGKILLed mid-stream and
+/// its replica promoted (node timeout 2 s). Writes to its slots fail until the promotion and
+/// are retried. Replication is asynchronous: a write the dead primary acknowledged but had not
+/// yet sent to its replica is gone, and the ledger would show it; `--redis-wait-replicas 1`
+/// makes every accepted write wait for a replica, so that nothing acknowledged can be lost;
+/// while the promoted primary has no replica its users wait (3 s here, until the dead node is
+/// restarted and rejoins as a replica).
+#[test]
+fn primary_killed_replica_promoted_mid_stream() {
+    let _g = serial();
+    let mut cluster = RedisCluster::start(3, 1);
+    let broker = Tansu::start();
+    broker.create_service_topics(4);
+    let brokers = broker.brokers();
+    let events = synth_events(12, 60, 43);
+    let (first, rest) = events.split_at(120);
+    produce_events(&brokers, first);
+    let mut service = Service::start(&brokers, &cluster.url(), "cluster-failover", &["--redis-wait-replicas", "1"]);
+    wait_for_versions(&brokers, windows(first), Duration::from_secs(300), &[&service]);
+
+    let (b, rest) = (brokers.clone(), rest.to_vec());
+    let producing = std::thread::spawn(move || {
+        for chunk in rest.chunks(12) {
+            produce_events(&b, chunk);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let victim = cluster.primaries()[0];
+    let killed = std::time::Instant::now();
+    cluster.nodes[victim].kill();
+    cluster.wait_ok(Duration::from_secs(60));
+    let promoted = killed.elapsed();
+    assert_eq!(cluster.primaries().len(), 3, "a replica took over the dead primary's slots");
+    // The promoted primary has no replica, so WAIT 1 holds its users' writes back until the
+    // operator brings the dead node back; it rejoins as the new primary's replica.
+    std::thread::sleep(Duration::from_secs(3));
+    cluster.nodes[victim].restart();
+    cluster.wait_ok(Duration::from_secs(60));
+    producing.join().unwrap();
+
+    let all = wait_for_versions(&brokers, windows(&events), Duration::from_secs(600), &[&service]);
+    check_ledger_eventually(&brokers, &events, &cluster, Duration::from_secs(60));
+    let metrics = service.metrics();
+    eprintln!(
+        "primary killed, replica serving after {promoted:?}; {} events, {} publications; redis retries {:?}",
+        events.len(),
+        all.len(),
+        metric_value(&metrics, "prefstream_retries_total{component=\"redis\"}")
+    );
+    assert!(service.terminate().success());
+}

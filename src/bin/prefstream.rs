@@ -232,6 +232,15 @@ fn package_error(path: &std::path::Path, device: impl std::fmt::Display) -> Stri
     )
 }
 
+/// The state store of `run`, `replay` and `check`: one server or a Cluster, TLS, and the
+/// replicas each write waits for.
+async fn connect_redis(svc: &ServiceArgs) -> Result<RedisStore> {
+    let store = RedisStore::open(&svc.redis_url, &svc.redis.tls(), svc.redis.redis_cluster)
+        .await
+        .with_context(|| format!("cannot reach Redis at {}", telemetry::redact_url(&svc.redis_url)))?;
+    Ok(store.with_wait_replicas(svc.redis.redis_wait_replicas))
+}
+
 async fn run(args: RunArgs) -> Result<()> {
     let cfg = args.svc.pipeline.service(&args.svc.kafka, &args.svc.model).map_err(anyhow::Error::msg)?;
     let http = args.ops.http_addr().map_err(anyhow::Error::msg)?;
@@ -262,9 +271,7 @@ async fn run(args: RunArgs) -> Result<()> {
     }
     let engine = start_engine(&args.svc.model)?;
     health.engine.store(true, Ordering::Relaxed);
-    let store = RedisStore::open(&args.svc.redis_url, &args.svc.redis.tls(), args.svc.redis.redis_cluster)
-        .await
-        .with_context(|| format!("cannot reach Redis at {}", telemetry::redact_url(&args.svc.redis_url)))?;
+    let store = connect_redis(&args.svc).await?;
     health.redis.store(true, Ordering::Relaxed);
     let stopping = health.clone();
     let mut watch = stop_rx.clone();
@@ -389,9 +396,7 @@ async fn replay(args: ReplayArgs) -> Result<()> {
         idle_end: args.idle_end,
     };
     let engine = start_engine(&args.svc.model)?;
-    let live = RedisStore::open(&args.svc.redis_url, &args.svc.redis.tls(), args.svc.redis.redis_cluster)
-        .await
-        .with_context(|| format!("cannot reach Redis at {}", telemetry::redact_url(&args.svc.redis_url)))?;
+    let live = connect_redis(&args.svc).await?;
     let (_stop_tx, stop_rx) = prefstream::service::shutdown_on_signals();
     let bar = match events_in_range {
         Some(n) => indicatif::ProgressBar::new(n),
@@ -476,13 +481,11 @@ async fn check(args: CheckArgs) -> Result<()> {
             report("brokers", Err(anyhow::Error::new(e).context(format!("cannot reach {}", args.svc.kafka.brokers))))
         }
     }
-    let redis = tokio::time::timeout(timeout, async {
-        let store = RedisStore::open(&args.svc.redis_url, &args.svc.redis.tls(), args.svc.redis.redis_cluster).await?;
-        store.ping().await
-    })
-    .await
-    .map_err(|_| anyhow::anyhow!("no answer within {timeout:?}"))
-    .and_then(|r| r.map_err(Into::into));
+    let redis =
+        tokio::time::timeout(timeout, async { Ok::<_, anyhow::Error>(connect_redis(&args.svc).await?.ping().await?) })
+            .await
+            .map_err(|_| anyhow::anyhow!("no answer within {timeout:?}"))
+            .and_then(|r| r);
     report(&format!("redis {}", telemetry::redact_url(&args.svc.redis_url)), redis);
     let model = args.svc.model.clone();
     let engine = tokio::task::spawn_blocking(move || -> Result<String> {

@@ -7,7 +7,7 @@ use crate::telemetry::redact_url;
 use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use ::redis::cluster::ClusterClientBuilder;
 use ::redis::cluster_async::ClusterConnection;
-use ::redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use ::redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use ::redis::{Client, ClientTlsConfig, Cmd, Pipeline, RedisError, RedisFuture, RedisResult, TlsCertificates, Value};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -168,6 +168,21 @@ impl Conn {
                 Ok(::redis::from_redis_value(c.route_command(cmd.clone(), routing).await?)?)
             }
             (c, _) => cmd.query_async(c).await,
+        }
+    }
+}
+
+impl Conn {
+    /// `cmd` on the primary that owns `key`'s slot (the one server otherwise): for WAIT, which
+    /// names no key but must reach the node that took the write.
+    pub async fn on_primary_of<T: ::redis::FromRedisValue>(&mut self, key: &str, cmd: &Cmd) -> RedisResult<T> {
+        match self {
+            Self::Cluster(c) => {
+                let route = Route::with_key(key, SlotAddr::Master);
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+                Ok(::redis::from_redis_value(c.route_command(cmd.clone(), routing).await?)?)
+            }
+            c => cmd.query_async(c).await,
         }
     }
 }

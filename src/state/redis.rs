@@ -55,7 +55,13 @@ pub struct RedisStore {
     applied_cap: usize,
     /// Key prefix: `pref` for the live state; replays stage into their own namespace.
     namespace: String,
+    /// Replicas that must hold each write before it counts as done (WAIT); 0: the primary's
+    /// acknowledgement is enough.
+    wait_replicas: usize,
 }
+
+/// How long one WAIT may block; under the client's 0.5 s response timeout.
+const WAIT_TIMEOUT_MS: u64 = 400;
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -108,7 +114,32 @@ impl RedisStore {
             seen_cap: DEFAULT_SEEN_CAP,
             applied_cap: DEFAULT_APPLIED_CAP,
             namespace: NAMESPACE.to_string(),
+            wait_replicas: 0,
         })
+    }
+
+    /// Each write waits until `n` replicas have it (`WAIT n`), so a failover that promotes a
+    /// replica cannot lose an accepted event or an applied description. While a primary has
+    /// fewer replicas, writes to its users fail and are retried (durability over
+    /// availability, as Kafka's `min.insync.replicas` with `acks=all`).
+    pub fn with_wait_replicas(mut self, n: usize) -> Self {
+        self.wait_replicas = n;
+        self
+    }
+
+    /// With `wait_replicas`, waits until that many replicas acknowledged every write made so
+    /// far on the connection to `key`'s primary.
+    async fn replicated(&self, key: &str) -> Result<(), StateError> {
+        if self.wait_replicas == 0 {
+            return Ok(());
+        }
+        let cmd = &::redis::cmd("WAIT").arg(self.wait_replicas).arg(WAIT_TIMEOUT_MS).clone();
+        let acked: usize = self.retry(|mut c| async move { c.on_primary_of(key, cmd).await }).await?;
+        if acked < self.wait_replicas {
+            let detail = format!("{acked} of {} replicas acknowledged within {WAIT_TIMEOUT_MS} ms", self.wait_replicas);
+            return Err(::redis::RedisError::from((::redis::ErrorKind::Io, "write not replicated", detail)).into());
+        }
+        Ok(())
     }
 
     /// One round trip (for `prefstream check`): the server's answer and version, and on a
@@ -319,17 +350,22 @@ impl RedisStore {
     }
 
     async fn script(&self, script: &Script, keys: &[String], args: &[String]) -> Result<Vec<String>, StateError> {
-        self.retry(|mut c| async move {
-            let mut inv = script.prepare_invoke();
-            for k in keys {
-                inv.key(k);
-            }
-            for a in args {
-                inv.arg(a);
-            }
-            inv.invoke_async::<Vec<String>>(&mut c).await
-        })
-        .await
+        let reply = self
+            .retry(|mut c| async move {
+                let mut inv = script.prepare_invoke();
+                for k in keys {
+                    inv.key(k);
+                }
+                for a in args {
+                    inv.arg(a);
+                }
+                inv.invoke_async::<Vec<String>>(&mut c).await
+            })
+            .await?;
+        if let Some(key) = keys.first() {
+            self.replicated(key).await?;
+        }
+        Ok(reply)
     }
 
     fn keys(&self, user: &str, suffixes: &[&str]) -> Vec<String> {
@@ -431,7 +467,9 @@ impl StateStore for RedisStore {
 
     async fn complete(&self, user: &str, window_id: &str) -> Result<(), StateError> {
         // apply.lua already dropped the window's attempt count.
-        let _: i64 = self.query(::redis::cmd("HDEL").arg(self.key(user, "inflight")).arg(window_id)).await?;
+        let key = self.key(user, "inflight");
+        let _: i64 = self.query(::redis::cmd("HDEL").arg(&key).arg(window_id)).await?;
+        self.replicated(&key).await?;
         Ok(())
     }
 
@@ -487,6 +525,6 @@ impl StateStore for RedisStore {
             cmd.arg(k);
         }
         let _: i64 = self.query(&cmd).await?;
-        Ok(())
+        self.replicated(&self.key(user, "desc")).await
     }
 }
