@@ -3,13 +3,14 @@
 //! redis-server started here.
 //!
 //! ```text
-//! cargo bench --bench pipeline -- [--events N] [--users U] [--lanes L] [--model DIR] [--windows W] [--workers T] [--skip-model]
+//! cargo bench --bench pipeline -- [--events N] [--users U] [--lanes L] [--model DIR] [--windows W] [--workers T] [--cluster P] [--skip-model]
 //! ```
 //!
 //! Two runs:
 //! 1. the delivery machinery alone: the model is replaced by an *instant inferencer* (this file
 //!    only; the product always runs the real model) — events/s until every event is durable and
-//!    every window's update is acknowledged, and Redis commands per event (from `INFO stats`);
+//!    every window's update is acknowledged, Redis commands and CPU per event (`INFO stats`,
+//!    `INFO cpu`) — on one redis-server, then on a Redis Cluster of P primaries (default 3);
 //! 2. the real default model end to end: windows/s (W windows, default 256).
 
 // The service binary's allocator (src/bin/prefstream.rs), so the bench measures what ships.
@@ -56,70 +57,117 @@ impl Inferencer for InstantInferencer {
     }
 }
 
-struct Redis(Child, u16);
+/// The Redis the bench runs against: one `redis-server`, or a Redis Cluster of `primaries`
+/// cluster-enabled servers made with `redis-cli --cluster create` (all on localhost).
+struct Redis {
+    nodes: Vec<(Child, u16)>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+fn spawn_server(extra: &[&str], dir: &std::path::Path) -> (Child, u16) {
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(extra)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server (scripts/redis.sh installs it)");
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (child, port)
+}
 
 impl Redis {
-    fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .current_dir(std::env::temp_dir())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server (scripts/redis.sh installs it)");
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            std::thread::sleep(Duration::from_millis(20));
+    fn start(primaries: usize) -> Self {
+        let dirs: Vec<_> = (0..primaries.max(1)).map(|_| tempfile::tempdir().unwrap()).collect();
+        if primaries <= 1 {
+            return Self { nodes: vec![spawn_server(&[], dirs[0].path())], _dirs: dirs };
         }
-        Redis(child, port)
+        let cluster = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"];
+        let nodes: Vec<_> = dirs.iter().map(|d| spawn_server(&cluster, d.path())).collect();
+        let status = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(nodes.iter().map(|(_, p)| format!("127.0.0.1:{p}")))
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "redis-cli --cluster create");
+        let r = Self { nodes, _dirs: dirs };
+        while !r.nodes.iter().all(|(_, p)| r.query(*p, &["CLUSTER", "INFO"]).contains("cluster_state:ok")) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        r
     }
 
     fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.1)
+        self.nodes.iter().map(|(_, p)| format!("redis://127.0.0.1:{p}/")).collect::<Vec<_>>().join(",")
     }
 
-    /// (commands processed, socket reads processed): reads per command shows how well the
-    /// service's requests are pipelined (each read costs the server a syscall).
-    fn stats(&self) -> (u64, u64) {
-        let info = self.info("stats");
-        let get = |k: &str| -> u64 {
-            info.lines()
-                .find_map(|l| l.strip_prefix(k))
-                .map_or(0, |v| v.trim_start_matches(':').trim().parse().unwrap())
-        };
-        (get("total_commands_processed"), get("total_reads_processed"))
+    fn query(&self, port: u16, args: &[&str]) -> String {
+        let mut c = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap().get_connection().unwrap();
+        redis::cmd(args[0]).arg(&args[1..]).query(&mut c).unwrap()
     }
 
-    /// Where the server's time went: `INFO commandstats`, largest first (commands run inside
-    /// scripts are counted both on their own line and in the EVALSHA that ran them).
-    fn command_time(&self) -> Vec<(String, u64, f64)> {
-        let mut rows: Vec<(String, u64, f64)> = self
-            .info("commandstats")
-            .lines()
-            .filter_map(|l| {
-                let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
-                let field = |k: &str| rest.split(',').find_map(|kv| kv.strip_prefix(k)?.strip_prefix('='));
-                Some((name.to_string(), field("calls")?.parse().ok()?, field("usec")?.parse().ok()?))
+    /// A number from `INFO section`, summed over the nodes.
+    fn sum(&self, section: &str, key: &str) -> f64 {
+        self.nodes
+            .iter()
+            .map(|(_, p)| {
+                let info = self.query(*p, &["INFO", section]);
+                info.lines()
+                    .find_map(|l| l.strip_prefix(key)?.strip_prefix(':')?.trim().parse::<f64>().ok())
+                    .unwrap_or(0.0)
             })
-            .collect();
+            .sum()
+    }
+
+    /// (commands processed, socket reads processed, CPU seconds used): reads per command shows
+    /// how well the service's requests are pipelined (each read costs the server a syscall).
+    fn stats(&self) -> (u64, u64, f64) {
+        (
+            self.sum("stats", "total_commands_processed") as u64,
+            self.sum("stats", "total_reads_processed") as u64,
+            self.sum("cpu", "used_cpu_user") + self.sum("cpu", "used_cpu_sys"),
+        )
+    }
+
+    /// Where the servers' time went: `INFO commandstats` summed over the nodes, largest first
+    /// (commands run inside scripts are counted both on their own line and in the EVALSHA that
+    /// ran them).
+    fn command_time(&self) -> Vec<(String, u64, f64)> {
+        let mut by_name: std::collections::BTreeMap<String, (u64, f64)> = Default::default();
+        for (_, p) in &self.nodes {
+            for l in self.query(*p, &["INFO", "commandstats"]).lines() {
+                let Some((name, rest)) = l.strip_prefix("cmdstat_").and_then(|l| l.split_once(':')) else { continue };
+                let field = |k: &str| rest.split(',').find_map(|kv| kv.strip_prefix(k)?.strip_prefix('='));
+                let (Some(calls), Some(usec)) = (field("calls"), field("usec")) else { continue };
+                let e = by_name.entry(name.to_string()).or_default();
+                e.0 += calls.parse::<u64>().unwrap_or(0);
+                e.1 += usec.parse::<f64>().unwrap_or(0.0);
+            }
+        }
+        let mut rows: Vec<(String, u64, f64)> = by_name.into_iter().map(|(n, (c, u))| (n, c, u)).collect();
         rows.sort_by(|a, b| b.2.total_cmp(&a.2));
         rows
-    }
-
-    fn info(&self, section: &str) -> String {
-        let mut c = redis::Client::open(self.url()).unwrap().get_connection().unwrap();
-        redis::cmd("INFO").arg(section).query(&mut c).unwrap()
     }
 }
 
 impl Drop for Redis {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        for (c, _) in &mut self.nodes {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
 struct Args {
     skip_model: bool,
+    /// Primaries of the Redis Cluster run beside the one-node run (0: no cluster run).
+    cluster: usize,
     events: usize,
     users: usize,
     lanes: usize,
@@ -132,6 +180,7 @@ struct Args {
 fn args() -> Args {
     let mut a = Args {
         skip_model: false,
+        cluster: 3,
         events: 200_000,
         users: 25_000,
         lanes: 64,
@@ -150,6 +199,7 @@ fn args() -> Args {
             "--windows" => a.windows = val().parse().unwrap(),
             "--model" => a.model = val(),
             "--workers" => a.workers = val().parse().unwrap(),
+            "--cluster" => a.cluster = val().parse().unwrap(),
             "--skip-model" => {
                 a.skip_model = true;
                 i += 1;
@@ -195,6 +245,7 @@ struct Outcome {
     updates: u64,
     redis_commands: u64,
     redis_reads: u64,
+    redis_cpu: f64,
 }
 
 async fn run_once(
@@ -203,8 +254,9 @@ async fn run_once(
     lanes: usize,
     inferencer: Arc<dyn Inferencer>,
     max_active: usize,
+    primaries: usize,
 ) -> Outcome {
-    let redis = Redis::start();
+    let redis = Redis::start(primaries);
     let cluster = MockCluster::new(1).unwrap();
     let topics = Topics::default();
     // The mock broker keeps at most 5 MB / 100,000 records per partition and silently drops
@@ -215,7 +267,7 @@ async fn run_once(
     let brokers = cluster.bootstrap_servers();
     let b = brokers.clone();
     tokio::task::spawn_blocking(move || produce(&b, events, users)).await.unwrap();
-    let store = RedisStore::connect(&redis.url()).await.unwrap();
+    let store = RedisStore::open(&redis.url(), &Default::default(), false).await.unwrap();
     let cfg = ServiceConfig {
         kafka: KafkaClient { brokers, options: vec![] },
         group: "bench".into(),
@@ -275,11 +327,18 @@ async fn run_once(
         eprintln!("  {name:<18} {calls:>9} calls  {:>7.2} µs/event", usec / events as f64);
     }
     eprintln!("  (commands outside evalsha/exec totals: {:.2} µs/event)", total / events as f64);
-    let (redis_commands, redis_reads) = (after.0 - before.0, after.1 - before.1);
+    let (redis_commands, redis_reads, redis_cpu) = (after.0 - before.0, after.1 - before.1, after.2 - before.2);
     stop.send(true).unwrap();
     task.await.unwrap().unwrap();
     drop(cluster);
-    Outcome { seconds, durable_seconds, updates: metrics.updates_published.get(), redis_commands, redis_reads }
+    Outcome {
+        seconds,
+        durable_seconds,
+        updates: metrics.updates_published.get(),
+        redis_commands,
+        redis_reads,
+        redis_cpu,
+    }
 }
 
 fn main() {
@@ -296,24 +355,31 @@ async fn bench(a: Args) {
         a.workers
     );
 
-    let o = run_once(a.events, a.users, a.lanes, Arc::new(InstantInferencer), 256).await;
-    println!("| run | events | windows | seconds | events/s | Redis commands/event | Redis socket reads/event |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
-    println!(
-        "| instant inferencer, to durable (appended) | {} | – | {:.2} | {:.0} | – | – |",
-        a.events,
-        o.durable_seconds,
-        a.events as f64 / o.durable_seconds
-    );
-    println!(
-        "| instant inferencer, all updates published | {} | {} | {:.2} | {:.0} | {:.2} | {:.2} |",
-        a.events,
-        o.updates,
-        o.seconds,
-        a.events as f64 / o.seconds,
-        o.redis_commands as f64 / a.events as f64,
-        o.redis_reads as f64 / a.events as f64
-    );
+    println!("| run | events | windows | seconds | events/s | Redis commands/event | Redis socket reads/event | Redis CPU µs/event |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    let mut setups = vec![(1, "one node".to_string())];
+    if a.cluster > 1 {
+        setups.push((a.cluster, format!("Redis Cluster of {} primaries", a.cluster)));
+    }
+    for (primaries, name) in setups {
+        let o = run_once(a.events, a.users, a.lanes, Arc::new(InstantInferencer), 256, primaries).await;
+        println!(
+            "| instant inferencer, {name}, to durable (appended) | {} | – | {:.2} | {:.0} | – | – | – |",
+            a.events,
+            o.durable_seconds,
+            a.events as f64 / o.durable_seconds
+        );
+        println!(
+            "| instant inferencer, {name}, all updates published | {} | {} | {:.2} | {:.0} | {:.2} | {:.2} | {:.1} |",
+            a.events,
+            o.updates,
+            o.seconds,
+            a.events as f64 / o.seconds,
+            o.redis_commands as f64 / a.events as f64,
+            o.redis_reads as f64 / a.events as f64,
+            o.redis_cpu * 1e6 / a.events as f64
+        );
+    }
 
     if a.skip_model {
         return;
@@ -322,9 +388,9 @@ async fn bench(a: Args) {
         .expect("model package (run scripts/setup.sh)");
     let users = a.windows.min(64);
     let events = a.windows * 4;
-    let o = run_once(events, users, a.lanes, Arc::new(engine), 32).await;
+    let o = run_once(events, users, a.lanes, Arc::new(engine), 32, 1).await;
     println!(
-        "| default model ({}), max batch 16 | {} | {} | {:.2} | {:.0} ({:.2} windows/s) | {:.2} | {:.2} |",
+        "| default model ({}), max batch 16 | {} | {} | {:.2} | {:.0} ({:.2} windows/s) | {:.2} | {:.2} | {:.1} |",
         a.model,
         events,
         o.updates,
@@ -332,6 +398,7 @@ async fn bench(a: Args) {
         events as f64 / o.seconds,
         o.updates as f64 / o.seconds,
         o.redis_commands as f64 / events as f64,
-        o.redis_reads as f64 / events as f64
+        o.redis_reads as f64 / events as f64,
+        o.redis_cpu * 1e6 / events as f64
     );
 }

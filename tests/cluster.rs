@@ -210,3 +210,43 @@ fn primary_killed_replica_promoted_mid_stream() {
     );
     assert!(service.terminate().success());
 }
+
+/// Three instances of the service in one consumer group on tansu, with the cluster: one is
+/// SIGKILLed and a fourth joins while events arrive; the survivors and the newcomer take over
+/// its partitions and its claimed windows, and nothing is lost or applied twice.
+#[test]
+fn three_instances_one_killed_one_added() {
+    let _g = serial();
+    let cluster = RedisCluster::start(3, 0);
+    let broker = Tansu::start();
+    broker.create_service_topics(4);
+    let brokers = broker.brokers();
+    let url = cluster.url();
+    let mut a = Service::start(&brokers, &url, "trio-a", &[]);
+    let mut b = Service::start(&brokers, &url, "trio-b", &[]);
+    let mut c = Service::start(&brokers, &url, "trio-c", &[]);
+    // Let all three join before the load arrives, so each owns partitions.
+    std::thread::sleep(Duration::from_secs(8));
+    for s in [&a, &b, &c] {
+        assert!(s.metric("prefstream_assigned_partitions").unwrap_or(0.0) >= 1.0, "{}", s.log_text());
+    }
+    let events = synth_events(12, 60, 44);
+    let (bk, all) = (brokers.clone(), events.clone());
+    let producing = std::thread::spawn(move || {
+        for chunk in all.chunks(12) {
+            produce_events(&bk, chunk);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    a.kill9();
+    std::thread::sleep(Duration::from_secs(3));
+    let mut d = Service::start(&brokers, &url, "trio-d", &[]);
+    producing.join().unwrap();
+
+    wait_for_versions(&brokers, windows(&events), Duration::from_secs(600), &[&b, &c, &d]);
+    check_ledger_eventually(&brokers, &events, &cluster, Duration::from_secs(60));
+    for s in [&mut b, &mut c, &mut d] {
+        assert!(s.terminate().success(), "{}", s.log_text());
+    }
+}
