@@ -250,3 +250,27 @@ fn three_instances_one_killed_one_added() {
         assert!(s.terminate().success(), "{}", s.log_text());
     }
 }
+
+/// A TLS-only cluster (clients and the cluster bus): the store works through `rediss://` seeds
+/// with the CA that signed the nodes' certificate, and another CA is refused with the flag
+/// that fixes it.
+#[test]
+fn tls_only_cluster_and_a_wrong_ca() {
+    let _g = serial();
+    let pki = Pki::new();
+    let cluster = RedisCluster::start_tls(3, &pki);
+    assert!(cluster.url().starts_with("rediss://"));
+    let tls = |ca: &str| RedisTls { ca_file: Some(pki.path(ca)), ..Default::default() };
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let store = RedisStore::open(&cluster.url(), &tls("ca.pem"), false).await.unwrap_or_else(|e| panic!("{e}"));
+        let pong = store.ping().await.unwrap();
+        assert!(pong.contains("cluster of 3 primaries"), "{pong}");
+        conformance::run_all(&store).await;
+        let Err(err) = RedisStore::open(&cluster.url(), &tls("other-ca.pem"), false).await else {
+            panic!("a wrong CA is refused")
+        };
+        let text = err.to_string();
+        eprintln!("cluster with another CA: {text}");
+        assert!(text.contains("--redis-ca-file"), "{text}");
+    });
+}

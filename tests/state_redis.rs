@@ -8,7 +8,7 @@ use prefstream::state::{AppendOutcome, ApplyOutcome, StateStore, Window};
 use std::sync::Arc;
 
 mod common;
-use common::RedisServer;
+use common::{Pki, RedisServer};
 
 async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
     redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap()
@@ -179,57 +179,10 @@ async fn scripts_survive_script_flush() {
     assert_eq!(store.take_partial(u, 4).await.unwrap(), None);
 }
 
-/// Certificates made here with openssl: a CA, a server certificate it signed for 127.0.0.1, a
-/// client certificate it signed, and an unrelated CA.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let ssl = |args: &[&str]| {
-            let out = std::process::Command::new("openssl").args(args).current_dir(dir.path()).output().unwrap();
-            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        };
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-        for ca in ["ca", "other-ca"] {
-            let (key, cert, subj) = (format!("{ca}.key"), format!("{ca}.pem"), format!("/CN=prefstream test {ca}"));
-            ssl(&[&["req", "-x509"], &ec[..], &["-keyout", &key, "-out", &cert, "-days", "2", "-subj", &subj]].concat());
-        }
-        std::fs::write(dir.path().join("server.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
-        std::fs::write(dir.path().join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
-        for who in ["server", "client"] {
-            let (key, csr, cert, ext) =
-                (format!("{who}.key"), format!("{who}.csr"), format!("{who}.pem"), format!("{who}.ext"));
-            ssl(&[&["req"], &ec[..], &["-keyout", &key, "-out", &csr, "-subj", &format!("/CN={who}")]].concat());
-            ssl(&[
-                "x509", "-req", "-in", &csr, "-CA", "ca.pem", "-CAkey", "ca.key", "-out", &cert, "-days", "2",
-                "-extfile", &ext,
-            ]);
-        }
-        Self { dir }
-    }
-
-    fn path(&self, file: &str) -> std::path::PathBuf {
-        self.dir.path().join(file)
-    }
-}
-
 /// A TLS-only redis-server with the test CA's server certificate; `auth_clients` is
 /// `tls-auth-clients` (`yes`: a client certificate is required).
 fn tls_redis(pki: &Pki, auth_clients: &str) -> RedisServer {
-    let p = |f: &str| pki.path(f).display().to_string();
-    RedisServer::start_tls(vec![
-        "--tls-auth-clients".into(),
-        auth_clients.into(),
-        "--tls-cert-file".into(),
-        p("server.pem"),
-        "--tls-key-file".into(),
-        p("server.key"),
-        "--tls-ca-cert-file".into(),
-        p("ca.pem"),
-    ])
+    RedisServer::start_tls(pki.server_args(auth_clients))
 }
 
 /// `rediss://` (issue 28 item 2): the store works through TLS with the CA that signed the

@@ -185,13 +185,28 @@ impl RedisServer {
 /// replicas each. A node that stops answering is failed over after 2 s.
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
+    /// redis-cli's TLS flags for a TLS-only cluster (empty: plain).
+    cli_tls: Vec<String>,
 }
 
 impl RedisCluster {
     pub fn start(primaries: usize, replicas: usize) -> Self {
+        Self::launch(primaries, replicas, None)
+    }
+
+    /// A TLS-only cluster (client port and cluster bus) with `pki`'s server certificate.
+    pub fn start_tls(primaries: usize, pki: &Pki) -> Self {
+        Self::launch(primaries, 0, Some(pki))
+    }
+
+    fn launch(primaries: usize, replicas: usize, pki: Option<&Pki>) -> Self {
+        let tls = pki.map(|p| [p.server_args("no"), vec!["--tls-cluster".into(), "yes".into()]].concat());
+        let cli_tls: Vec<String> = pki
+            .map(|p| vec!["--tls".into(), "--cacert".into(), p.path("ca.pem").display().to_string()])
+            .unwrap_or_default();
         let nodes: Vec<RedisServer> = (0..primaries * (1 + replicas))
             .map(|_| {
-                let mut s = RedisServer::new(true, None, Place::default());
+                let mut s = RedisServer::new(true, tls.clone(), Place::default());
                 s.extra = [
                     "--cluster-enabled",
                     "yes",
@@ -207,6 +222,7 @@ impl RedisCluster {
             })
             .collect();
         let out = Command::new("redis-cli")
+            .args(&cli_tls)
             .arg("--cluster")
             .arg("create")
             .args(nodes.iter().map(RedisServer::addr))
@@ -214,7 +230,7 @@ impl RedisCluster {
             .output()
             .expect("redis-cli (Debian package redis-tools, installed with redis-server)");
         assert!(out.status.success(), "redis-cli --cluster create: {}", String::from_utf8_lossy(&out.stdout));
-        let c = Self { nodes };
+        let c = Self { nodes, cli_tls };
         c.wait_ok(Duration::from_secs(30));
         c
     }
@@ -232,7 +248,12 @@ impl RedisCluster {
 
     /// `redis-cli` against node `i`.
     pub fn cli(&self, i: usize, args: &[&str]) -> String {
-        let out = Command::new("redis-cli").args(["-p", &self.nodes[i].port.to_string()]).args(args).output().unwrap();
+        let out = Command::new("redis-cli")
+            .args(&self.cli_tls)
+            .args(["-p", &self.nodes[i].port.to_string()])
+            .args(args)
+            .output()
+            .unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -247,6 +268,7 @@ impl RedisCluster {
                 .filter(|(_, n)| n.child.is_some())
                 .all(|(i, _)| self.cli(i, &["cluster", "info"]).contains("cluster_state:ok"));
             let check = Command::new("redis-cli")
+                .args(&self.cli_tls)
                 .args(["--cluster", "check", &self.running_addr()])
                 .output()
                 .map(|o| String::from_utf8_lossy(&o.stdout).contains("[OK] All 16384 slots covered"))
@@ -291,6 +313,7 @@ impl RedisCluster {
     /// Moves `slots` slots from node `from` to node `to` with `redis-cli --cluster reshard`.
     pub fn reshard(&self, from: usize, to: usize, slots: usize) {
         let out = Command::new("redis-cli")
+            .args(&self.cli_tls)
             .args(["--cluster", "reshard", &self.nodes[from].addr()])
             .args(["--cluster-from", &self.id(from), "--cluster-to", &self.id(to)])
             .args(["--cluster-slots", &slots.to_string(), "--cluster-yes"])
@@ -311,6 +334,54 @@ impl RedisCluster {
         keys.sort();
         keys.dedup(); // a replica holds its primary's keys
         keys
+    }
+}
+
+/// Certificates made here with openssl: a CA, a server certificate it signed for 127.0.0.1, a
+/// client certificate it signed, and an unrelated CA.
+pub struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ssl = |args: &[&str]| {
+            let out = std::process::Command::new("openssl").args(args).current_dir(dir.path()).output().unwrap();
+            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        for ca in ["ca", "other-ca"] {
+            let (key, cert, subj) = (format!("{ca}.key"), format!("{ca}.pem"), format!("/CN=prefstream test {ca}"));
+            ssl(&[&["req", "-x509"], &ec[..], &["-keyout", &key, "-out", &cert, "-days", "2", "-subj", &subj]].concat());
+        }
+        std::fs::write(dir.path().join("server.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
+        std::fs::write(dir.path().join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+        for who in ["server", "client"] {
+            let (key, csr, cert, ext) =
+                (format!("{who}.key"), format!("{who}.csr"), format!("{who}.pem"), format!("{who}.ext"));
+            ssl(&[&["req"], &ec[..], &["-keyout", &key, "-out", &csr, "-subj", &format!("/CN={who}")]].concat());
+            ssl(&[
+                "x509", "-req", "-in", &csr, "-CA", "ca.pem", "-CAkey", "ca.key", "-out", &cert, "-days", "2",
+                "-extfile", &ext,
+            ]);
+        }
+        Self { dir }
+    }
+
+    pub fn path(&self, file: &str) -> std::path::PathBuf {
+        self.dir.path().join(file)
+    }
+
+    /// redis-server's TLS settings with this CA's server certificate; `auth_clients` is
+    /// `tls-auth-clients` (`yes`: a client certificate is required).
+    pub fn server_args(&self, auth_clients: &str) -> Vec<String> {
+        let p = |f: &str| self.path(f).display().to_string();
+        ["--tls-auth-clients", auth_clients, "--tls-cert-file", &p("server.pem"), "--tls-key-file", &p("server.key")]
+            .into_iter()
+            .chain(["--tls-ca-cert-file", &p("ca.pem")])
+            .map(String::from)
+            .collect()
     }
 }
 
