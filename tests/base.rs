@@ -187,3 +187,36 @@ fn the_fp16_and_quantized_exports_stay_close_to_fp32() {
     let [fp32, fp16, int8, int4] = sizes[..] else { unreachable!() };
     assert!(fp16 < fp32 && int8 < fp32 && int4 < int8, "sizes {sizes:?}");
 }
+
+/// The second judge (`eval::llm_judge`: the base zero-shot, P("A") against P("B") in both
+/// orders) on pairs whose answer a description settles in plain English: it must side with
+/// the description more often than not, and its verdict must move with the description.
+#[test]
+fn the_zero_shot_judge_follows_the_description() {
+    use prefstream::train::eval::llm_judge::LlmJudge;
+    use prefstream::train::judge::PairScores;
+    use prefstream::train::synth::Pair;
+    let base = base();
+    let tok = prefstream::train::base::package::base_tokenizer(&base).unwrap();
+    let model = Llama::new(&base, None).unwrap();
+    let judge = LlmJudge::new(&model, &tok, Device::Cpu).unwrap();
+    let pair = |post: &str, chosen: &str, rejected: &str| Pair {
+        post: post.into(),
+        chosen: chosen.into(),
+        rejected: rejected.into(),
+        chosen_poles: vec![],
+        rejected_poles: vec![],
+    };
+    let pairs = [
+        pair("What should I cook tonight?", "A mushroom risotto with peas.", "A rare steak with bacon."),
+        pair("Explain how a vaccine works.", "It trains your immune system.", "Well, let me take you back to 1796, when Edward Jenner, a country doctor in Gloucestershire, noticed that milkmaids who had caught cowpox seemed never to catch smallpox, and so began a long story…"),
+        pair("Recommend a film for tonight.", "A slapstick comedy full of jokes.", "A grim war documentary."),
+    ];
+    let fits = "The user is a vegetarian who wants short, direct answers and loves to laugh.";
+    let opposite = "The user loves meat, wants long detailed stories, and prefers serious, grim topics.";
+    let p = judge.many_chosen_probs(&[(fits, &pairs[..]), (opposite, &pairs[..])]).unwrap();
+    eprintln!("P(chosen) with the fitting description {:?}, with the opposite one {:?}", p[0], p[1]);
+    let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
+    assert!(mean(&p[0]) > 0.5, "the judge sides with the description: {:?}", p[0]);
+    assert!(mean(&p[0]) > mean(&p[1]), "the verdict moves with the description: {p:?}");
+}

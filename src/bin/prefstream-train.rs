@@ -127,6 +127,10 @@ enum Cmd {
         /// Greedy decoding instead of the paper's inference sampling.
         #[arg(long, env = "PREFSTREAM_EVAL_GREEDY")]
         greedy: bool,
+        /// Also score every row with a second, different judge: the base model zero-shot,
+        /// reading P("A") against P("B") in both orders (the paper's cross-model test).
+        #[arg(long, env = "PREFSTREAM_SECOND_JUDGE")]
+        second_judge: bool,
     },
     /// Package a pretrained base (+ a LoRA adapter) as a runnable model: merged weights in
     /// ONNX, the base's tokenizer, a manifest naming the base by sha256 (ChatML template).
@@ -238,8 +242,8 @@ fn main() -> Result<()> {
         Cmd::BaseGrpo(b) => {
             run.base_grpo_step(&preset()?, &b.path())?;
         }
-        Cmd::BaseEval { base, zero_shot, greedy } => {
-            let rows = run.base_eval_step(&preset()?, &base.path(), &SETTINGS, *zero_shot, *greedy)?;
+        Cmd::BaseEval { base, zero_shot, greedy, second_judge } => {
+            let rows = run.base_eval_step(&preset()?, &base.path(), &SETTINGS, *zero_shot, *greedy, *second_judge)?;
             println!("{}", markdown(&rows))
         }
         Cmd::Package { base, adapter, out, layers, max_new_tokens, precision } => {
@@ -258,7 +262,7 @@ fn main() -> Result<()> {
                 if p.base.grpo_steps > 0 {
                     adapter = run.base_grpo_step(&p, &path)?;
                 }
-                let rows = run.base_eval_step(&p, &path, &SETTINGS, false, false)?;
+                let rows = run.base_eval_step(&p, &path, &SETTINGS, false, false, false)?;
                 println!("{}", markdown(&rows));
                 let out = cli.run.join("base_package");
                 package(&path, Some(&adapter), &out, 0, p.base.max_new_tokens, Precision::Fp32)?;

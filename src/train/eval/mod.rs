@@ -3,13 +3,14 @@
 //! Also the paper's robustness (reversal, drift) and efficiency (time per update) studies.
 
 pub mod audit;
+pub mod llm_judge;
 
 use crate::event::EventBody;
 use crate::prompt::{build_prompt, parse_output, Template, NOT_PROVIDED};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::TextTokenizer;
 use crate::train::generate::generate;
-use crate::train::judge::{mean, Scorer};
+use crate::train::judge::{mean, PairScores, Scorer};
 use crate::train::model::Decoder;
 use crate::train::sft::user_windows;
 use crate::train::synth::{describe_surfaces, render_ugc, Annotation, Pair, Pref, Split, UserRecord, World};
@@ -120,7 +121,7 @@ pub fn test_users(world: &World, limit: usize) -> Vec<EvalUser> {
 /// Acc_jud of one description per user: the mean over every user's pairs, and its standard
 /// error over users (a user's pairs share one description, so users are the independent draws).
 fn score_descriptions(
-    scorer: &Scorer,
+    scorer: &dyn PairScores,
     users: &[EvalUser],
     descs: &[Option<String>],
 ) -> anyhow::Result<(f32, f32, usize)> {
@@ -137,6 +138,18 @@ fn score_descriptions(
     Ok((mean(&all), standard_error(&per_user.iter().map(|s| mean(s)).collect::<Vec<_>>()), all.len()))
 }
 
+/// `row` (a method in a setting, with the descriptions `descs` it wrote) scored again under
+/// another judge: the same format rate, the other judge's Acc_jud.
+pub fn rescore(
+    judge: &dyn PairScores,
+    row: &EvalRow,
+    users: &[EvalUser],
+    descs: &[Option<String>],
+) -> anyhow::Result<EvalRow> {
+    let (acc_jud, se, pairs) = score_descriptions(judge, users, descs)?;
+    Ok(EvalRow { acc_jud, se, pairs, ..row.clone() })
+}
+
 /// Standard error of the mean of `xs` (sample standard deviation / √n); 0 below two values.
 pub fn standard_error(xs: &[f32]) -> f32 {
     let n = xs.len() as f32;
@@ -148,7 +161,7 @@ pub fn standard_error(xs: &[f32]) -> f32 {
 }
 
 /// Reference rows that need no policy: Null, raw signals E (8 signals as the description), Golden.
-pub fn reference_rows(scorer: &Scorer, users: &[EvalUser]) -> anyhow::Result<Vec<EvalRow>> {
+pub fn reference_rows(scorer: &dyn PairScores, users: &[EvalUser]) -> anyhow::Result<Vec<EvalRow>> {
     let raw = |u: &EvalUser| {
         let p = build_prompt(None, u.span(0, 8));
         let start = p.find("Signals:\n").map(|i| i + 9).unwrap_or(0);

@@ -10,8 +10,9 @@ use crate::tokenizer::TextTokenizer;
 use crate::train::base::llama::{Llama, LoraConfig};
 use crate::train::base::package::{base_tokenizer, load_adapted, load_merged, save_adapter};
 use crate::train::base::Base;
+use crate::train::eval::llm_judge::LlmJudge;
 use crate::train::eval::{
-    audit_markdown, audit_row, eval_policy, markdown, reference_rows, test_users, Policy, Setting,
+    audit_markdown, audit_row, eval_policy, markdown, reference_rows, rescore, test_users, Policy, Setting,
 };
 use crate::train::judge::{Judge, Scorer};
 use crate::train::sft::{self, TrainConfig};
@@ -187,6 +188,10 @@ impl Run {
     /// Acc_jud of the base policies that exist in the run (and of the base without adapters
     /// with `zero_shot`) beside Null / raw signals / Golden, under the run's judge, on held-out
     /// users. Writes `base_eval.json` and `base_eval.md`.
+    ///
+    /// With `second_judge`, every row is also scored by a second, different judge — the base
+    /// itself, zero-shot, reading P("A") against P("B") (`eval::llm_judge`, the paper's
+    /// cross-model test) — into `second_judge` of the report.
     pub fn base_eval_step(
         &self,
         preset: &Preset,
@@ -194,12 +199,24 @@ impl Run {
         settings: &[Setting],
         zero_shot: bool,
         greedy: bool,
+        second_judge: bool,
     ) -> Result<Vec<crate::train::eval::EvalRow>> {
         let bp: BasePreset = read_json(&self.path("base_preset.json")).unwrap_or_else(|_| preset.base.clone());
         let BaseInputs { world, tok, judge, base, btok } = self.base_inputs(base_path)?;
         let scorer = Scorer { judge: &judge, tok: &tok, device: Device::Cpu };
         let users = test_users(&world, bp.eval_users);
         let mut rows = reference_rows(&scorer, &users)?;
+        let plain = second_judge.then(|| Llama::new(&base, None)).transpose()?;
+        let judge2 = plain.as_ref().map(|m| LlmJudge::new(m, &btok, Device::Cpu)).transpose()?;
+        let mut rows2 = match &judge2 {
+            Some(j) => {
+                let t = std::time::Instant::now();
+                let r = reference_rows(j, &users)?;
+                tracing::info!(secs = t.elapsed().as_secs_f32(), ?r, "second judge: references");
+                r
+            }
+            None => Vec::new(),
+        };
         let mut audits = Vec::new();
         let mut samples = Vec::new();
         let mut models: Vec<(&str, Llama)> = Vec::new();
@@ -236,6 +253,11 @@ impl Run {
                     secs = t.elapsed().as_secs_f32(),
                     "base policy"
                 );
+                if let Some(j) = &judge2 {
+                    let r = rescore(j, &row, &users, &descs)?;
+                    tracing::info!(method, setting = s.name(), acc_jud = r.acc_jud, se = r.se, "second judge");
+                    rows2.push(r);
+                }
                 audits.push(audit_row(method, s, &users, &descs));
                 for (u, d) in users.iter().zip(&descs).take(3) {
                     samples.push(serde_json::json!({"method": method, "setting": s.name(), "user": u.user.user_id,
@@ -246,10 +268,15 @@ impl Run {
         }
         write_json(
             &self.path("base_eval.json"),
-            &serde_json::json!({"rows": rows, "audit": audits, "samples": samples, "greedy": greedy}),
+            &serde_json::json!({"rows": rows, "audit": audits, "samples": samples, "greedy": greedy,
+                "second_judge": rows2}),
         )?;
         let mut md = markdown(&rows);
         md.push_str(&audit_markdown(&audits));
+        if !rows2.is_empty() {
+            md.push_str("\n### Second judge (SmolLM2-135M-Instruct zero-shot, P(A) vs P(B), both orders)\n\n");
+            md.push_str(&markdown(&rows2));
+        }
         std::fs::write(self.path("base_eval.md"), md)?;
         Ok(rows)
     }

@@ -9,7 +9,7 @@ use crate::sampling::SamplingParams;
 use crate::tokenizer::TextTokenizer;
 use crate::train::curves::Curves;
 use crate::train::generate::{generate, response_logprobs};
-use crate::train::judge::{mean, Scorer};
+use crate::train::judge::{mean, PairScores, Scorer};
 use crate::train::model::Decoder;
 use crate::train::sft::user_windows;
 use crate::train::synth::{make_pair, Pair, Split, UserRecord, World};

@@ -137,26 +137,46 @@ impl Scorer<'_> {
         }
         Ok(out)
     }
+}
+
+/// What scores a description against a user's held-out pairs: the trained judge (`Scorer`,
+/// R_jud and the meter of `eval`) or a second, different one (`LlmJudge`, the paper's
+/// cross-model check).
+pub trait PairScores {
+    /// P(the chosen response), averaged over both A/B orders, per pair of each job.
+    fn many_chosen_probs(&self, jobs: &[(&str, &[Pair])]) -> anyhow::Result<Vec<Vec<f32>>>;
 
     /// Acc_jud indicator per pair of each job, scored in both A/B orders: 1 if the averaged
     /// probability of the chosen response is above one half, 0.5 on an exact tie, else 0.
-    pub fn many_pair_scores(&self, jobs: &[(&str, &[Pair])]) -> Result<Vec<Vec<f32>>> {
+    fn many_pair_scores(&self, jobs: &[(&str, &[Pair])]) -> anyhow::Result<Vec<Vec<f32>>> {
         Ok(self.many_chosen_probs(jobs)?.into_iter().map(|v| v.into_iter().map(indicator).collect()).collect())
     }
+}
 
-    /// P(the chosen response), averaged over both A/B orders, per pair of each job.
-    pub fn many_chosen_probs(&self, jobs: &[(&str, &[Pair])]) -> Result<Vec<Vec<f32>>> {
-        let items: Vec<_> = jobs
-            .iter()
-            .flat_map(|(d, pairs)| {
-                pairs.iter().flat_map(move |p| {
-                    [(*d, p.chosen.as_str(), p.rejected.as_str()), (*d, p.rejected.as_str(), p.chosen.as_str())]
-                })
+/// Both orders of every pair of every job, as (description, post, A, B) — chosen first, then
+/// rejected first.
+pub fn both_orders<'a>(jobs: &'a [(&'a str, &'a [Pair])]) -> Vec<(&'a str, &'a str, &'a str, &'a str)> {
+    jobs.iter()
+        .flat_map(|(d, pairs)| {
+            pairs.iter().flat_map(move |p| {
+                let (post, c, r) = (p.post.as_str(), p.chosen.as_str(), p.rejected.as_str());
+                [(*d, post, c, r), (*d, post, r, c)]
             })
-            .collect();
-        let probs = self.prob_a(&items)?;
-        let mut it = probs.chunks(2).map(|c| (c[0] + 1.0 - c[1]) / 2.0);
-        Ok(jobs.iter().map(|(_, pairs)| it.by_ref().take(pairs.len()).collect()).collect())
+        })
+        .collect()
+}
+
+/// Folds `both_orders`' P(A) back into P(chosen) per pair of each job.
+pub fn fold_orders(jobs: &[(&str, &[Pair])], prob_a: &[f32]) -> Vec<Vec<f32>> {
+    let mut it = prob_a.chunks(2).map(|c| (c[0] + 1.0 - c[1]) / 2.0);
+    jobs.iter().map(|(_, pairs)| it.by_ref().take(pairs.len()).collect()).collect()
+}
+
+impl PairScores for Scorer<'_> {
+    fn many_chosen_probs(&self, jobs: &[(&str, &[Pair])]) -> anyhow::Result<Vec<Vec<f32>>> {
+        // This judge reads the description and the two responses, not the post.
+        let items: Vec<_> = both_orders(jobs).into_iter().map(|(d, _, a, b)| (d, a, b)).collect();
+        Ok(fold_orders(jobs, &self.prob_a(&items)?))
     }
 }
 

@@ -6,7 +6,7 @@ use crate::prompt::{build_prompt, build_response, Template};
 use crate::tokenizer::TextTokenizer;
 use crate::train::batch::pad_right;
 use crate::train::curves::Curves;
-use crate::train::judge::{mean, Scorer};
+use crate::train::judge::{mean, PairScores, Scorer};
 use crate::train::model::{Decoder, Gpt, GptConfig};
 pub use crate::train::stages::schedule::{lr_at, TrainConfig};
 use crate::train::synth::{Annotation, Split, UserRecord, World};
