@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::sync::Mutex;
 use std::time::Duration;
 
 use common::*;
@@ -14,20 +13,6 @@ use prefstream::event::{Event, EventBody};
 use prefstream::state::conformance::{self, event};
 use prefstream::state::redis::{RedisStore, RedisTls};
 use prefstream::state::StateStore;
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn windows(events: &[Event]) -> usize {
-    let mut per_user = std::collections::HashMap::<&str, usize>::new();
-    for e in events {
-        *per_user.entry(&e.user_id).or_default() += 1;
-    }
-    per_user.values().map(|n| n / 4).sum()
-}
 
 #[test]
 fn conformance_and_key_space_walks_on_three_primaries() {
@@ -113,49 +98,57 @@ fn service_on_a_cluster_sigkill_then_forget() {
     assert!(restarted.terminate().success());
 }
 
-/// Every slot of one primary — a third of the users, all of them busy — moves to another
-/// primary with `redis-cli --cluster reshard` while events arrive: scripts meet ASK, MOVED and
-/// TRYAGAIN mid-migration and are retried; nothing is lost or applied twice.
-#[test]
-fn slot_migration_of_busy_users_mid_stream() {
-    let _g = serial();
-    let cluster = RedisCluster::start(3, 0);
+/// The service on `cluster` takes 120 events, then the rest of 720 arrive paced while `fault`
+/// breaks the cluster (2 s into the arrivals; it returns what it did, for the record); then
+/// every window must be applied exactly once.
+fn fault_mid_stream(
+    mut cluster: RedisCluster,
+    name: &str,
+    extra: &[&str],
+    fault: impl FnOnce(&mut RedisCluster) -> String,
+) {
     let broker = Tansu::start();
     broker.create_service_topics(4);
     let brokers = broker.brokers();
     let events = synth_events(12, 60, 42);
     let (first, rest) = events.split_at(120);
     produce_events(&brokers, first);
-    let mut service = Service::start(&brokers, &cluster.url(), "cluster-reshard", &[]);
+    let mut service = Service::start(&brokers, &cluster.url(), name, extra);
     wait_for_versions(&brokers, windows(first), Duration::from_secs(300), &[&service]);
 
-    let (b, rest) = (brokers.clone(), rest.to_vec());
-    let producing = std::thread::spawn(move || {
-        for chunk in rest.chunks(12) {
-            produce_events(&b, chunk);
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    });
+    let producing = produce_paced(&brokers, rest, 12, Duration::from_millis(200));
     std::thread::sleep(Duration::from_secs(2));
-    let (from, to) = (cluster.primaries()[0], cluster.primaries()[1]);
-    let started = std::time::Instant::now();
-    cluster.reshard(from, to, 5461);
-    let took = started.elapsed();
+    let what = fault(&mut cluster);
     producing.join().unwrap();
-    cluster.wait_ok(Duration::from_secs(30));
-    let size: usize = cluster.cli(from, &["dbsize"]).trim().parse().unwrap();
-    assert_eq!(size, 0, "every key left the emptied primary");
 
     let all = wait_for_versions(&brokers, windows(&events), Duration::from_secs(600), &[&service]);
     check_ledger_eventually(&brokers, &events, &cluster, Duration::from_secs(60));
     let metrics = service.metrics();
     eprintln!(
-        "reshard of 5461 slots took {took:?}; {} events, {} publications; redis retries {:?}",
+        "{name}: {what}; {} events, {} publications; redis retries {:?}",
         events.len(),
         all.len(),
         metric_value(&metrics, "prefstream_retries_total{component=\"redis\"}")
     );
     assert!(service.terminate().success());
+}
+
+/// Every slot of one primary — a third of the users, all of them busy — moves to another
+/// primary with `redis-cli --cluster reshard` while events arrive: scripts meet ASK, MOVED and
+/// TRYAGAIN mid-migration and are retried; nothing is lost or applied twice.
+#[test]
+fn slot_migration_of_busy_users_mid_stream() {
+    let _g = serial();
+    fault_mid_stream(RedisCluster::start(3, 0), "cluster-reshard", &[], |cluster| {
+        let (from, to) = (cluster.primaries()[0], cluster.primaries()[1]);
+        let started = std::time::Instant::now();
+        cluster.reshard(from, to, 5461);
+        let took = started.elapsed();
+        cluster.wait_ok(Duration::from_secs(30));
+        let size: usize = cluster.cli(from, &["dbsize"]).trim().parse().unwrap();
+        assert_eq!(size, 0, "every key left the emptied primary");
+        format!("reshard of 5461 slots took {took:?}")
+    });
 }
 
 /// Three primaries with a replica each (6 processes); one primary is SIGKILLed mid-stream and
@@ -168,47 +161,21 @@ fn slot_migration_of_busy_users_mid_stream() {
 #[test]
 fn primary_killed_replica_promoted_mid_stream() {
     let _g = serial();
-    let mut cluster = RedisCluster::start(3, 1);
-    let broker = Tansu::start();
-    broker.create_service_topics(4);
-    let brokers = broker.brokers();
-    let events = synth_events(12, 60, 43);
-    let (first, rest) = events.split_at(120);
-    produce_events(&brokers, first);
-    let mut service = Service::start(&brokers, &cluster.url(), "cluster-failover", &["--redis-wait-replicas", "1"]);
-    wait_for_versions(&brokers, windows(first), Duration::from_secs(300), &[&service]);
-
-    let (b, rest) = (brokers.clone(), rest.to_vec());
-    let producing = std::thread::spawn(move || {
-        for chunk in rest.chunks(12) {
-            produce_events(&b, chunk);
-            std::thread::sleep(Duration::from_millis(200));
-        }
+    let extra = ["--redis-wait-replicas", "1"];
+    fault_mid_stream(RedisCluster::start(3, 1), "cluster-failover", &extra, |cluster| {
+        let victim = cluster.primaries()[0];
+        let killed = std::time::Instant::now();
+        cluster.nodes[victim].kill();
+        cluster.wait_ok(Duration::from_secs(60));
+        let promoted = killed.elapsed();
+        assert_eq!(cluster.primaries().len(), 3, "a replica took over the dead primary's slots");
+        // The promoted primary has no replica, so WAIT 1 holds its users' writes back until
+        // the operator brings the dead node back; it rejoins as the new primary's replica.
+        std::thread::sleep(Duration::from_secs(3));
+        cluster.nodes[victim].restart();
+        cluster.wait_ok(Duration::from_secs(60));
+        format!("primary killed, replica serving after {promoted:?}")
     });
-    std::thread::sleep(Duration::from_secs(2));
-    let victim = cluster.primaries()[0];
-    let killed = std::time::Instant::now();
-    cluster.nodes[victim].kill();
-    cluster.wait_ok(Duration::from_secs(60));
-    let promoted = killed.elapsed();
-    assert_eq!(cluster.primaries().len(), 3, "a replica took over the dead primary's slots");
-    // The promoted primary has no replica, so WAIT 1 holds its users' writes back until the
-    // operator brings the dead node back; it rejoins as the new primary's replica.
-    std::thread::sleep(Duration::from_secs(3));
-    cluster.nodes[victim].restart();
-    cluster.wait_ok(Duration::from_secs(60));
-    producing.join().unwrap();
-
-    let all = wait_for_versions(&brokers, windows(&events), Duration::from_secs(600), &[&service]);
-    check_ledger_eventually(&brokers, &events, &cluster, Duration::from_secs(60));
-    let metrics = service.metrics();
-    eprintln!(
-        "primary killed, replica serving after {promoted:?}; {} events, {} publications; redis retries {:?}",
-        events.len(),
-        all.len(),
-        metric_value(&metrics, "prefstream_retries_total{component=\"redis\"}")
-    );
-    assert!(service.terminate().success());
 }
 
 /// Three instances of the service in one consumer group on tansu, with the cluster: one is
@@ -231,13 +198,7 @@ fn three_instances_one_killed_one_added() {
         assert!(s.metric("prefstream_assigned_partitions").unwrap_or(0.0) >= 1.0, "{}", s.log_text());
     }
     let events = synth_events(12, 60, 44);
-    let (bk, all) = (brokers.clone(), events.clone());
-    let producing = std::thread::spawn(move || {
-        for chunk in all.chunks(12) {
-            produce_events(&bk, chunk);
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    });
+    let producing = produce_paced(&brokers, &events, 12, Duration::from_millis(200));
     std::thread::sleep(Duration::from_secs(3));
     a.kill9();
     std::thread::sleep(Duration::from_secs(3));

@@ -4,24 +4,9 @@
 
 mod common;
 
-use std::sync::Mutex;
 use std::time::Duration;
 
 use common::*;
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn versions(events: &[prefstream::event::Event]) -> usize {
-    let mut per_user = std::collections::HashMap::<&str, usize>::new();
-    for e in events {
-        *per_user.entry(&e.user_id).or_default() += 1;
-    }
-    per_user.values().map(|n| n / 4).sum()
-}
 
 #[test]
 fn thousands_of_events_make_exactly_floor_n_over_4_versions() {
@@ -31,7 +16,7 @@ fn thousands_of_events_make_exactly_floor_n_over_4_versions() {
     let events = synth_events(16, 63, 11);
     produce_events(&broker.brokers(), &events);
     let mut service = Service::start(&broker.brokers(), &redis.url(), "bulk", &[]);
-    let want = versions(&events);
+    let want = windows(&events);
     wait_for_versions(&broker.brokers(), want, Duration::from_secs(600), &[&service]);
     check_ledger_eventually(&broker.brokers(), &events, &redis, Duration::from_secs(60));
     let metrics = service.metrics();
@@ -45,7 +30,7 @@ fn sigkill_mid_stream_then_restart_loses_nothing() {
     let _g = serial();
     let (broker, redis) = stack();
     let events = synth_events(12, 42, 12);
-    let want = versions(&events);
+    let want = windows(&events);
     let (first, second) = events.split_at(events.len() / 2);
     produce_events(&broker.brokers(), first);
     let mut service = Service::start(&broker.brokers(), &redis.url(), "kill-a", &[]);
@@ -63,7 +48,7 @@ fn two_instances_one_killed_the_other_takes_over() {
     let _g = serial();
     let (broker, redis) = stack();
     let events = synth_events(12, 42, 13);
-    let want = versions(&events);
+    let want = windows(&events);
     let mut a = Service::start(&broker.brokers(), &redis.url(), "pair-a", &[]);
     let mut b = Service::start(&broker.brokers(), &redis.url(), "pair-b", &[]);
     // Let both join before the load arrives, so the partitions are split between them.
@@ -81,7 +66,7 @@ fn redis_restart_mid_run_recovers() {
     let _g = serial();
     let (broker, mut redis) = stack();
     let events = synth_events(12, 42, 14);
-    let want = versions(&events);
+    let want = windows(&events);
     let (first, second) = events.split_at(events.len() / 2);
     produce_events(&broker.brokers(), first);
     let mut service = Service::start(&broker.brokers(), &redis.url(), "redis-restart", &[]);
@@ -133,7 +118,7 @@ fn malformed_input_goes_to_the_dead_letter_topic_with_reasons() {
     }
     produce(&broker.brokers(), EVENTS, &records);
     let mut service = Service::start(&broker.brokers(), &redis.url(), "dlq", &[]);
-    wait_for_versions(&broker.brokers(), versions(&events), Duration::from_secs(300), &[&service]);
+    wait_for_versions(&broker.brokers(), windows(&events), Duration::from_secs(300), &[&service]);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let letters = loop {
         let letters = read_all(&broker.brokers(), DLQ);

@@ -8,26 +8,11 @@
 
 mod common;
 
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::netns::{Net, Peer};
 use common::*;
 use prefstream::event::Event;
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn windows(events: &[Event]) -> usize {
-    let mut per_user = std::collections::HashMap::<&str, usize>::new();
-    for e in events {
-        *per_user.entry(&e.user_id).or_default() += 1;
-    }
-    per_user.values().map(|n| n / 4).sum()
-}
 
 /// What the service showed while cut off.
 #[derive(Debug, Default)]
@@ -81,18 +66,6 @@ fn report(name: &str, events: &[Event], updates: &[prefstream::pipeline::Update]
     );
 }
 
-/// Produces `events` from the test's namespace in chunks of one event per user, `every` apart,
-/// so windows keep completing (and are in flight) when the cut comes.
-fn produce_paced(brokers: &str, events: &[Event], every: Duration) -> std::thread::JoinHandle<()> {
-    let (brokers, events) = (brokers.to_string(), events.to_vec());
-    std::thread::spawn(move || {
-        for chunk in events.chunks(12) {
-            produce_events(&brokers, chunk);
-            std::thread::sleep(every);
-        }
-    })
-}
-
 /// One scenario: 240 events are taken, then the rest arrive paced while the link between the
 /// service and `peer` is cut for `hold` (from 1 s into the arrivals), then healed; returns
 /// once everything is applied and the ledger balances.
@@ -109,7 +82,8 @@ fn cut_and_heal(net: &Net, peer: Peer, events: &[Event], hold: Duration, extra: 
     wait_ready(&service, Duration::from_secs(30));
     let rss_before = service.rss_bytes();
 
-    let producing = produce_paced(&brokers, during, Duration::from_millis(100));
+    // One event per user every 100 ms, from the test's namespace.
+    let producing = produce_paced(&brokers, during, 12, Duration::from_millis(100));
     std::thread::sleep(Duration::from_secs(1));
     net.cut(peer);
     let seen = watch(&service, hold);

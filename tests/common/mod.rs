@@ -725,6 +725,34 @@ pub fn updates(brokers: &str) -> Vec<Update> {
         .collect()
 }
 
+/// One end-to-end test at a time per test binary: each starts its own broker, Redis and
+/// services, and two cores hold one such stack well.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Full windows of 4 in `events`: the versions the service must publish.
+pub fn windows(events: &[Event]) -> usize {
+    let mut per_user = HashMap::<&str, usize>::new();
+    for e in events {
+        *per_user.entry(&e.user_id).or_default() += 1;
+    }
+    per_user.values().map(|n| n / 4).sum()
+}
+
+/// Produces `events` in chunks of `chunk`, `every` apart, on a thread: arrivals that keep
+/// windows completing (and in flight) while a test breaks something.
+pub fn produce_paced(brokers: &str, events: &[Event], chunk: usize, every: Duration) -> std::thread::JoinHandle<()> {
+    let (brokers, events) = (brokers.to_string(), events.to_vec());
+    std::thread::spawn(move || {
+        for c in events.chunks(chunk) {
+            produce_events(&brokers, c);
+            std::thread::sleep(every);
+        }
+    })
+}
+
 /// Synthetic events: `users` users with `per_user` events each, in per-user time order.
 pub fn synth_events(users: usize, per_user: usize, seed: u64) -> Vec<Event> {
     use prefstream::train::synth::{generate, SynthConfig};
