@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use prefstream::event::{Event, EventBody};
@@ -88,9 +88,9 @@ fn service_on_a_cluster_sigkill_then_forget() {
     assert!(!cluster.keys(&format!("pref:{{{gone}}}:*")).is_empty());
     let forget = Event { event_id: "forget-1".into(), body: EventBody::Forget, ..events[0].clone() };
     produce_events(&brokers, &[forget]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while !cluster.keys(&format!("pref:{{{gone}}}:*")).is_empty() {
-        assert!(std::time::Instant::now() < deadline, "{gone}'s keys outlived the forget:\n{}", restarted.log_text());
+        assert!(Instant::now() < deadline, "{gone}'s keys outlived the forget:\n{}", restarted.log_text());
         std::thread::sleep(Duration::from_millis(300));
     }
     let tombstone = read_all(&brokers, UPDATES).into_iter().rfind(|r| r.key.as_deref() == Some(gone.as_bytes()));
@@ -141,7 +141,7 @@ fn slot_migration_of_busy_users_mid_stream() {
     let _g = serial();
     fault_mid_stream(RedisCluster::start(3, 0), "cluster-reshard", &[], |cluster| {
         let (from, to) = (cluster.primaries()[0], cluster.primaries()[1]);
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         cluster.reshard(from, to, 5461);
         let took = started.elapsed();
         cluster.wait_ok(Duration::from_secs(30));
@@ -164,7 +164,7 @@ fn primary_killed_replica_promoted_mid_stream() {
     let extra = ["--redis-wait-replicas", "1"];
     fault_mid_stream(RedisCluster::start(3, 1), "cluster-failover", &extra, |cluster| {
         let victim = cluster.primaries()[0];
-        let killed = std::time::Instant::now();
+        let killed = Instant::now();
         cluster.nodes[victim].kill();
         cluster.wait_ok(Duration::from_secs(60));
         let promoted = killed.elapsed();
@@ -198,10 +198,16 @@ fn three_instances_one_killed_one_added() {
         assert!(s.metric("prefstream_assigned_partitions").unwrap_or(0.0) >= 1.0, "{}", s.log_text());
     }
     let events = synth_events(12, 60, 44);
-    let producing = produce_paced(&brokers, &events, 12, Duration::from_millis(200));
+    let producing = produce_paced(&brokers, &events, 12, Duration::from_millis(400));
     std::thread::sleep(Duration::from_secs(3));
     a.kill9();
-    std::thread::sleep(Duration::from_secs(3));
+    // The newcomer joins after the killed member's session (6 s) has expired. tansu 0.6's
+    // coordinator mishandles an expiry that lands inside a rebalance, or with more than one
+    // survivor: a member that does not rejoin keeps its old partitions while the leader hands
+    // them out again, and one partition stays unowned for good (CI, 2026-12-04: 150 of 180
+    // versions after 600 s). A join after the expiry makes every live member rejoin, which
+    // puts the group right. Kafka's coordinator does not need this; the service cannot help it.
+    std::thread::sleep(Duration::from_secs(10));
     let mut d = Service::start(&brokers, &url, "trio-d", &[]);
     producing.join().unwrap();
 
